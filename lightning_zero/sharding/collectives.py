@@ -1,0 +1,58 @@
+"""The collectives ZeRO needs, as pure functions over flat 1-D buffers with the process group explicit.
+
+Every reduction is a SUM; callers divide once, explicitly. gloo ignores ``op`` in ``reduce_scatter_tensor``
+up to torch 2.8, fails on ``PREMUL_SUM`` in every version and is unreliable with ``AVG``.
+
+Worked example, two ranks, one bucket of four elements::
+
+    reduce_scatter_sum   rank 0 [1 2 3 4], rank 1 [5 6 7 8]  ->  rank 0 [6 8], rank 1 [10 12]
+    all_gather_flat      rank 0 [a b],     rank 1 [c d]      ->  both [a b c d]
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch.distributed import ProcessGroup, Work
+
+__all__ = [
+    "all_gather_flat",
+    "all_gather_objects",
+    "broadcast_from_first",
+    "reduce_scatter_sum",
+]
+
+# torch 2.13 renamed the tensor forms; fall back so older floors keep working.
+_reduce_scatter = getattr(dist, "reduce_scatter_single", dist.reduce_scatter_tensor)
+_all_gather = getattr(dist, "all_gather_single", dist.all_gather_into_tensor)
+
+
+def reduce_scatter_sum(output: torch.Tensor, flat: torch.Tensor, group: ProcessGroup | None) -> Work:
+    """Start summing ``flat`` across ranks into this rank's ``output`` slice; returns the work handle.
+
+    ``output`` may be this rank's own slice of ``flat`` (in place); the rest of ``flat`` is left unreduced.
+    """
+    return _reduce_scatter(output, flat, op=dist.ReduceOp.SUM, group=group, async_op=True)
+
+
+def all_gather_flat(flat: torch.Tensor, shard: torch.Tensor, group: ProcessGroup | None) -> Work:
+    """Start gathering every rank's ``shard`` into ``flat``; ``shard`` may be this rank's slice of it."""
+    return _all_gather(flat, shard, group=group, async_op=True)
+
+
+def broadcast_from_first(tensors: list[torch.Tensor], group: ProcessGroup | None) -> None:
+    """Overwrite ``tensors`` on every rank with the values of the group's first rank."""
+    src = dist.get_global_rank(group, 0) if group is not None else 0
+    works = [dist.broadcast(t, src=src, group=group, async_op=True) for t in tensors]
+    for work in works:
+        work.wait()
+
+
+def all_gather_objects(obj: Any, group: ProcessGroup | None) -> list[Any]:
+    """Every rank's ``obj`` (small, picklable metadata only), in rank order."""
+    world = dist.get_world_size(group)
+    gathered: list[Any] = [None] * world
+    dist.all_gather_object(gathered, obj, group=group)
+    return gathered

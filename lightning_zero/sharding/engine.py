@@ -1,0 +1,276 @@
+"""ZeroEngine: ZeRO stages 1 and 2 for one module and its optimizer on plain ``torch.distributed``.
+
+It owns the setup (plan the layout, check ranks agree, flatten parameters into bucket buffers, broadcast
+rank 0's values) and the order of one optimizer step: finish reductions, step the slices, all-gather.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch.distributed import ProcessGroup
+
+from lightning_zero.config import ZeroConfig, resolve_reduce_policy
+from lightning_zero.sharding.collectives import all_gather_flat, all_gather_objects, broadcast_from_first
+from lightning_zero.sharding.gradients import GradientReducer
+from lightning_zero.sharding.layout import BySize, DtypeSlots, Layout, plan_layout
+from lightning_zero.sharding.optimizer import ShardedOptimizer
+
+__all__ = ["ZeroEngine"]
+
+
+class ZeroEngine:
+    """Shards ``optimizer``'s state (stage 1) and ``module``'s gradients (stage 2) across the group.
+
+    Use it as plain data parallel: backward as usual (inside ``no_sync()`` for micro-batches that should
+    not reduce), then ``step()`` and ``zero_grad()``. Every rank must build the same model and optimizer.
+    After construction the optimizer's param groups hold this rank's slices; step it only through here.
+    """
+
+    def __init__(
+        self,
+        module: torch.nn.Module,
+        optimizer: torch.optim.Optimizer,
+        config: ZeroConfig | None = None,
+        process_group: ProcessGroup | None = None,
+        dtypes: DtypeSlots | None = None,
+    ) -> None:
+        if not dist.is_available() or not dist.is_initialized():
+            raise RuntimeError("ZeroEngine needs torch.distributed: call dist.init_process_group() first")
+        self.config = config or ZeroConfig()
+        self.module = module
+        self.group = process_group
+        self.rank = dist.get_rank(process_group)
+        self.world_size = dist.get_world_size(process_group)
+        self.reduce_policy = resolve_reduce_policy(self.config.stage, self.config.reduce_policy)
+
+        named = list(module.named_parameters())
+        fqn_of: dict[torch.Tensor, str] = {param: fqn for fqn, param in named}
+        aliases: dict[str, list[str]] = {}
+        for fqn, param in module.named_parameters(remove_duplicate=False):
+            if fqn_of[param] != fqn:
+                aliases.setdefault(fqn_of[param], []).append(fqn)
+        group_of: dict[torch.Tensor, int] = {}
+        for index, group in enumerate(optimizer.param_groups):
+            for param in group["params"]:
+                if param not in fqn_of:
+                    raise ValueError(
+                        f"optimizer param group {index} holds a tensor of shape {tuple(param.shape)} that is "
+                        "not a parameter of the module; build the optimizer from module.parameters()"
+                    )
+                group_of[param] = index
+        devices = {param.device for _, param in named}
+        if len(devices) > 1:
+            raise ValueError(f"all parameters must be on one device, found {sorted(map(str, devices))}")
+        if not any(param.requires_grad and param in group_of for _, param in named):
+            raise ValueError("the optimizer holds no trainable parameter of the module: nothing to shard")
+
+        self.layout: Layout = plan_layout(
+            named, self.world_size, BySize(self.config.bucket_numel), group_of, dtypes, aliases
+        )
+        self._check_ranks_agree()
+        self.params: list[torch.nn.Parameter] = [param for _, param in named]
+        self.flat_params: dict[int, torch.Tensor] = {}  # bucket index -> 1D padded storage buffer
+        self._flatten()
+        self._broadcast_initial_state()
+        self.masters: dict[int, torch.Tensor] = {}  # bucket index -> 1D master slice (shard_numel)
+        for bucket in self.layout.buckets:
+            if bucket.trainable:
+                lo, hi = bucket.shard_range(self.rank)
+                owned = self.flat_params[bucket.index].narrow(0, lo, hi - lo)
+                self.masters[bucket.index] = owned.to(bucket.dtypes.master, copy=True) if (
+                    bucket.dtypes.separate_master) else owned
+        self.reducer = GradientReducer(
+            self.layout, self.params, self.rank, process_group, self.config.stage, self.reduce_policy
+        )
+        self.optimizer = ShardedOptimizer(
+            optimizer,
+            self.layout,
+            self.rank,
+            self.masters,
+            {state.bucket.index: state.shard for state in self.reducer.buckets},
+            fqn_of,
+            self.config.allow_unknown_optimizer,
+        )
+        self._had_grad: list[bool] | None = None
+
+    # ------------------------------------------------------------------ setup
+    def _check_ranks_agree(self) -> None:
+        """Raise on every rank if any rank's model differs (instead of hanging in a collective later)."""
+        buffers = [(name, tuple(b.shape), str(b.dtype)) for name, b in self.module.named_buffers()]
+        mine = (self.layout.fingerprint(), repr(buffers))
+        if len(set(all_gather_objects(mine, self.group))) == 1:
+            return
+        described = all_gather_objects((self.layout.describe(), buffers), self.group)
+        for rank, (params, bufs) in enumerate(described[1:], start=1):
+            for reference, other in zip(described[0], (params, bufs)):
+                for position in range(max(len(reference), len(other))):
+                    row0 = reference[position] if position < len(reference) else None
+                    row = other[position] if position < len(other) else None
+                    if row0 != row:
+                        raise ValueError(
+                            f"ranks build different models: rank 0 has {row0}, rank {rank} has {row} "
+                            "(name, shape, dtype, requires_grad, optimizer group). Build the same model and "
+                            "optimizer on every rank."
+                        )
+        raise ValueError("ranks build different models or optimizer groups; build the same on every rank")
+
+    def _flatten(self) -> None:
+        """Move each trainable bucket's parameters into one flat buffer; parameters become views of it."""
+        for bucket in self.layout.buckets:
+            if not bucket.trainable:
+                continue
+            members = [self.params[i] for i in bucket.params]
+            flat = torch.zeros(bucket.padded_numel, dtype=bucket.dtypes.storage, device=members[0].device)
+            for index, param in zip(bucket.params, members):
+                record = self.layout.params[index]
+                view = flat.narrow(0, record.offset, record.numel)
+                view.copy_(param.detach().reshape(-1))
+                param.data = view.view(record.shape)
+            self.flat_params[bucket.index] = flat
+
+    def _broadcast_initial_state(self) -> None:
+        """Every rank starts from rank 0's parameters and buffers."""
+        tensors = list(self.flat_params.values())
+        for bucket in self.layout.buckets:
+            if not bucket.trainable:
+                tensors.extend(self.params[i].data for i in bucket.params)
+        tensors.extend(buffer for _, buffer in self.module.named_buffers())
+        broadcast_from_first(tensors, self.group)
+
+    # ------------------------------------------------------------------ training
+    def no_sync(self) -> contextlib.AbstractContextManager[None]:
+        """Backwards inside accumulate locally (no collective) under the "boundary" policy."""
+        return self.reducer.no_sync()
+
+    def reduce_gradients(self) -> None:
+        """Finish this window's reductions and average the gradient shards (idempotent until the step)."""
+        if self._had_grad is None:
+            self._had_grad = self.reducer.finish(divide_by=self.world_size)
+
+    def grad_shards(self) -> list[torch.Tensor]:
+        """This rank's averaged gradient slices, one 1-D tensor per trainable bucket."""
+        self.reduce_gradients()
+        return [state.shard for state in self.reducer.buckets]
+
+    def clip_grad_norm_(self, max_norm: float, norm_type: float = 2.0) -> torch.Tensor:
+        """Clip the global gradient norm over all ranks' shards to ``max_norm``; return the norm before.
+
+        ``torch.nn.utils.clip_grad_norm_`` would see only this rank's slice, hence the all-reduce.
+        """
+        total = self.grad_norm(norm_type)
+        scale = max_norm / (total.item() + 1e-6)
+        if scale < 1.0:
+            for shard in self.grad_shards():
+                shard.mul_(scale)
+        return total
+
+    def grad_norm(self, norm_type: float = 2.0) -> torch.Tensor:
+        """The norm of the whole (averaged) gradient, identical on every rank (a collective)."""
+        shards = self.grad_shards()
+        device = shards[0].device if shards else torch.device("cpu")
+        if math.isinf(norm_type):
+            local = torch.stack([s.abs().max() for s in shards]).max().float() if shards else torch.zeros(())
+            local = local.to(device)
+            dist.all_reduce(local, op=dist.ReduceOp.MAX, group=self.group)
+            return local
+        local = torch.zeros((), dtype=torch.float64, device=device)
+        for shard in shards:
+            local += shard.double().norm(norm_type) ** norm_type
+        dist.all_reduce(local, op=dist.ReduceOp.SUM, group=self.group)
+        return (local ** (1.0 / norm_type)).float()
+
+    def clip_grad_value_(self, clip_value: float) -> None:
+        """Clamp every gradient element to ``[-clip_value, clip_value]`` (element-wise, no collective)."""
+        for shard in self.grad_shards():
+            shard.clamp_(-clip_value, clip_value)
+
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:
+        """One optimizer step: run ``closure`` (forward and backward) if given, reduce, step, all-gather."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        self.reduce_gradients()
+        assert self._had_grad is not None
+        self.optimizer.step(self._had_grad)
+        self._gather_params()
+        self.zero_grad()
+        return loss
+
+    def _gather_params(self) -> None:
+        works = []
+        for bucket in self.layout.buckets:
+            if not bucket.trainable:
+                continue
+            flat = self.flat_params[bucket.index]
+            lo, hi = bucket.shard_range(self.rank)
+            owned = flat.narrow(0, lo, hi - lo)
+            if bucket.dtypes.separate_master:
+                owned.copy_(self.masters[bucket.index])
+            works.append(all_gather_flat(flat, owned, self.group))
+        for work in works:
+            work.wait()
+
+    def zero_grad(self) -> None:
+        """Clear gradients and start a new accumulation window (also done at the end of ``step``)."""
+        self.reducer.zero_grad()
+        self._had_grad = None
+
+    # ------------------------------------------------------------------ state
+    def full_state_dict(self) -> dict[str, Any]:
+        """Whole parameters (fp32 masters where they exist) and optimizer state keyed by FQN, on CPU, on
+        every rank. Loadable on any world size. A collective: call it on every rank."""
+        params: dict[str, torch.Tensor] = {}
+        for bucket in self.layout.buckets:
+            source: torch.Tensor | None = None
+            if bucket.trainable and bucket.dtypes.separate_master:
+                source = torch.empty(bucket.padded_numel, dtype=bucket.dtypes.master,
+                                     device=self.masters[bucket.index].device)
+                all_gather_flat(source, self.masters[bucket.index], self.group).wait()
+            for index in bucket.params:
+                record = self.layout.params[index]
+                if source is not None:
+                    value = source.narrow(0, record.offset, record.numel).view(record.shape)
+                else:
+                    value = self.params[index].detach()
+                value = value.to("cpu", copy=True)
+                for name in (record.fqn, *record.aliases):
+                    params[name] = value
+        return {"params": params, "optimizer": self.optimizer.full_state_dict(self.group)}
+
+    def load_full_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore from a ``full_state_dict()`` saved on any world size; each rank keeps its slices."""
+        saved = state["params"]
+        names = {record.fqn for record in self.layout.params}
+        missing = sorted(names - saved.keys())
+        unexpected = sorted(saved.keys() - names - {a for r in self.layout.params for a in r.aliases})
+        if missing or unexpected:
+            raise ValueError(f"parameter names differ: missing {missing[:5]}, unexpected {unexpected[:5]}")
+        with torch.no_grad():
+            for record in self.layout.params:
+                value = saved[record.fqn]
+                if tuple(value.shape) != tuple(record.shape):
+                    raise ValueError(
+                        f"{record.fqn}: saved shape {tuple(value.shape)} != model shape {tuple(record.shape)}"
+                    )
+                self.params[record.index].copy_(value)
+            for bucket in self.layout.buckets:
+                if bucket.trainable and bucket.dtypes.separate_master:
+                    master = self.masters[bucket.index]
+                    for piece in self.layout.shard_slices(bucket, self.rank):
+                        flat = saved[self.layout.params[piece.param].fqn].reshape(-1)
+                        master.narrow(0, piece.shard_offset, piece.numel).copy_(
+                            flat.narrow(0, piece.start, piece.numel))
+        if "optimizer" in state:
+            self.optimizer.load_full_state_dict(state["optimizer"])
+
+    def close(self) -> None:
+        """Remove every hook this engine installed; the module keeps its (flat-buffer) parameters."""
+        self.reducer.remove_hooks()
+        self.optimizer.remove_hooks()

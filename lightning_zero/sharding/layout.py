@@ -1,0 +1,302 @@
+"""The layout: which parameter lives in which bucket, at which offset, and which rank owns which slice.
+
+Pure bookkeeping shared by every stage and by checkpoints: no communication and no tensors allocated here.
+
+[Note: flat contiguous shards]
+Each bucket is one flat, 1-D buffer holding its parameters back to back, padded at the end to a multiple
+of the world size. Rank ``r`` owns elements ``[r * S, (r + 1) * S)`` of every bucket, ``S = padded / N``.
+We chose this over per-parameter dim-0 shards (FSDP2) because:
+
+* every collective runs on one evenly sized 1-D buffer per bucket (one reduce-scatter, one all-gather),
+  the moment backward fills it, with no per-parameter padding or copy-in/copy-out;
+* the balance is exact (each rank holds ``ceil(numel / N)`` elements of every bucket) where per-parameter
+  sharding pads every parameter and whole-parameter partitions (ZeroRedundancyOptimizer) are uneven;
+* padding costs at most ``N - 1`` elements per bucket instead of per parameter.
+
+The price is that a parameter may straddle ranks, so the optimizer sees slices of parameters. That is
+exact only for element-wise optimizers, which is why others are refused (see ``optimizer.py``). The
+per-parameter record (FQN, shape, offset) lets every rank compute every other rank's range, so state
+dicts are keyed by FQN and can be re-sliced for any world size.
+
+Worked example, world size 2, one bucket holding ``a`` (3 elements) and ``b`` (4 elements)::
+
+    flat   [a0 a1 a2 b0 | b1 b2 b3 pad]      padded_numel 8, shard_numel 4
+    rank 0 owns a[0:3] at shard offset 0 and b[0:1] at shard offset 3
+    rank 1 owns b[1:4] at shard offset 0 (and one padding element)
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import torch
+
+__all__ = [
+    "BucketKey",
+    "Bucket",
+    "ByModule",
+    "BySize",
+    "DtypeSlots",
+    "Grouping",
+    "Layout",
+    "ParamRecord",
+    "ShardSlice",
+    "plan_layout",
+]
+
+
+@dataclass(frozen=True)
+class DtypeSlots:
+    """The dtypes one bucket uses at each point of its life.
+
+    ``storage``: the parameters the module computes with and their full gradients.
+    ``reduce``: the buffer gradients are reduce-scattered in.
+    ``accumulate``: the sharded gradient summed across micro-batches.
+    ``master``: the slice the optimizer steps; when equal to ``storage`` the owned slice of the flat
+    parameter buffer is the master itself (no copy).
+    """
+
+    storage: torch.dtype
+    reduce: torch.dtype
+    accumulate: torch.dtype
+    master: torch.dtype
+
+    @classmethod
+    def uniform(cls, dtype: torch.dtype) -> DtypeSlots:
+        """Every slot in ``dtype``: the ``32-true`` case."""
+        return cls(dtype, dtype, dtype, dtype)
+
+    @property
+    def separate_master(self) -> bool:
+        """Whether the master slice needs its own buffer."""
+        return self.master != self.storage
+
+
+@dataclass(frozen=True)
+class BucketKey:
+    """Parameters share a bucket only if the optimizer, dtype and trainability treat them alike."""
+
+    group: int | None  # optimizer param group index; None for parameters the optimizer does not hold
+    dtype: torch.dtype
+    requires_grad: bool
+
+
+@dataclass(frozen=True)
+class ParamRecord:
+    """Where one parameter lives. ``aliases`` are further names of the same tensor (tied weights)."""
+
+    index: int
+    fqn: str
+    shape: torch.Size
+    numel: int
+    bucket: int
+    offset: int  # first element of this parameter inside its bucket's flat buffer
+    aliases: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class ShardSlice:
+    """Elements ``[start, start + numel)`` of parameter ``param`` (flattened), held at ``shard_offset``."""
+
+    param: int
+    start: int
+    numel: int
+    shard_offset: int
+
+
+@dataclass(frozen=True)
+class Bucket:
+    """One flat buffer: a run of parameters with the same key, padded to a multiple of the world size."""
+
+    index: int
+    key: BucketKey
+    params: tuple[int, ...]  # ParamRecord indices, in buffer order
+    numel: int
+    padded_numel: int
+    shard_numel: int
+    dtypes: DtypeSlots
+    unit: str = ""  # the grouping unit (module FQN for stage 3); "" for size-based buckets
+
+    def shard_range(self, rank: int) -> tuple[int, int]:
+        """The ``[start, end)`` range of the flat buffer that ``rank`` owns."""
+        return rank * self.shard_numel, (rank + 1) * self.shard_numel
+
+    @property
+    def trainable(self) -> bool:
+        """Held by the optimizer and receiving gradients: the buckets ZeRO reduces and steps."""
+        return self.key.group is not None and self.key.requires_grad
+
+
+@dataclass(frozen=True)
+class _Candidate:
+    """A parameter on its way into a bucket."""
+
+    position: int  # registration order in the module
+    fqn: str
+    key: BucketKey
+    numel: int
+
+
+class Grouping(Protocol):
+    """Splits parameters into buckets. Each returned list holds parameters of one key only."""
+
+    def split(self, candidates: Sequence[_Candidate]) -> list[tuple[str, list[_Candidate]]]: ...
+
+
+@dataclass(frozen=True)
+class BySize:
+    """Buckets of at most ``max_numel`` elements (one larger parameter gets a bucket of its own).
+
+    Parameters are taken in reverse registration order, which is roughly the order backward produces
+    their gradients, so the first buckets fill first and their reduce-scatter overlaps the rest of backward.
+    """
+
+    max_numel: int
+
+    def __post_init__(self) -> None:
+        if self.max_numel <= 0:
+            raise ValueError(f"bucket size must be a positive number of elements, got {self.max_numel}")
+
+    def split(self, candidates: Sequence[_Candidate]) -> list[tuple[str, list[_Candidate]]]:
+        closed: list[list[_Candidate]] = []
+        open_by_key: dict[BucketKey, list[_Candidate]] = {}
+        for cand in reversed(candidates):
+            current = open_by_key.get(cand.key)
+            if current and sum(c.numel for c in current) + cand.numel > self.max_numel:
+                closed.append(current)
+                current = None
+            if current is None:
+                current = open_by_key[cand.key] = []
+            current.append(cand)
+        closed.extend(open_by_key.values())
+        # Order buckets by when backward is expected to complete them: their first (latest-registered) member.
+        closed.sort(key=lambda bucket: -bucket[0].position)
+        return [("", bucket) for bucket in closed]
+
+
+@dataclass(frozen=True)
+class ByModule:
+    """One bucket per (unit module, key): the unit is the longest prefix in ``units`` owning the FQN.
+
+    Parameters matching no unit form the root unit ``""``. Buckets follow forward (registration) order,
+    which is what stage 3 gathers in.
+    """
+
+    units: tuple[str, ...]
+
+    def split(self, candidates: Sequence[_Candidate]) -> list[tuple[str, list[_Candidate]]]:
+        ordered = sorted(self.units, key=len, reverse=True)
+
+        def unit_of(fqn: str) -> str:
+            for unit in ordered:
+                if fqn.startswith(unit + ".") or fqn == unit:
+                    return unit
+            return ""
+
+        grouped: dict[tuple[str, BucketKey], list[_Candidate]] = {}
+        for cand in candidates:
+            grouped.setdefault((unit_of(cand.fqn), cand.key), []).append(cand)
+        return [(unit, members) for (unit, _), members in grouped.items()]
+
+
+@dataclass(frozen=True)
+class Layout:
+    """The whole plan: every parameter's record and every bucket, for one world size."""
+
+    world_size: int
+    params: tuple[ParamRecord, ...]
+    buckets: tuple[Bucket, ...]
+    _by_fqn: Mapping[str, int] = field(default_factory=dict, compare=False, repr=False)
+
+    def param(self, fqn: str) -> ParamRecord:
+        """The record for ``fqn`` (any alias works)."""
+        return self.params[self._by_fqn[fqn]]
+
+    def shard_slices(self, bucket: Bucket, rank: int) -> tuple[ShardSlice, ...]:
+        """The parameter pieces that ``rank`` owns in ``bucket``, in buffer order."""
+        lo, hi = bucket.shard_range(rank)
+        slices = []
+        for index in bucket.params:
+            record = self.params[index]
+            start, end = max(lo, record.offset), min(hi, record.offset + record.numel)
+            if start < end:
+                slices.append(ShardSlice(index, start - record.offset, end - start, start - lo))
+        return tuple(slices)
+
+    def describe(self) -> list[tuple[str, tuple[int, ...], str, bool, int | None]]:
+        """Rank-independent metadata (FQN, shape, dtype, requires_grad, group) of every parameter."""
+        rows = []
+        for record in self.params:
+            key = self.buckets[record.bucket].key
+            rows.append((record.fqn, tuple(record.shape), str(key.dtype), key.requires_grad, key.group))
+        return rows
+
+    def fingerprint(self) -> int:
+        """A 63-bit digest of ``describe()`` and the bucket plan, equal on ranks that agree."""
+        text = repr((self.describe(), [(b.key.group, b.params, b.padded_numel) for b in self.buckets]))
+        return int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "little") >> 1
+
+
+def plan_layout(
+    named_params: Iterable[tuple[str, torch.nn.Parameter]],
+    world_size: int,
+    grouping: Grouping,
+    group_of: Mapping[torch.nn.Parameter, int] | None = None,
+    dtypes: DtypeSlots | None = None,
+    aliases: Mapping[str, Sequence[str]] | None = None,
+) -> Layout:
+    """Plan buckets for ``named_params`` (registration order, each tensor once) on ``world_size`` ranks.
+
+    ``group_of`` maps a parameter to its optimizer param group; ``dtypes`` overrides the dtype slots of
+    floating-point trainable buckets (default: every slot in the parameter's own dtype); ``aliases`` lists
+    extra names of tied parameters.
+    """
+    if world_size < 1:
+        raise ValueError(f"world_size must be >= 1, got {world_size}")
+    group_of = group_of or {}
+    aliases = aliases or {}
+    named = list(named_params)
+    candidates = [
+        _Candidate(
+            position,
+            fqn,
+            BucketKey(group_of.get(param), param.dtype, param.requires_grad),
+            param.numel(),
+        )
+        for position, (fqn, param) in enumerate(named)
+    ]
+    fqn_position = {fqn: position for position, (fqn, _) in enumerate(named)}
+    records: list[ParamRecord | None] = [None] * len(named)
+    buckets: list[Bucket] = []
+    for unit, members in grouping.split(candidates):
+        key = members[0].key
+        if any(m.key != key for m in members):
+            raise ValueError("a grouping returned a bucket mixing param groups, dtypes or requires_grad")
+        offset = 0
+        indices = []
+        for member in members:
+            position = fqn_position[member.fqn]
+            param = named[position][1]
+            records[position] = ParamRecord(
+                position, member.fqn, param.shape, member.numel, len(buckets), offset,
+                tuple(aliases.get(member.fqn, ())),
+            )
+            indices.append(position)
+            offset += member.numel
+        padded = max(world_size, math.ceil(offset / world_size) * world_size)
+        slots = DtypeSlots.uniform(key.dtype)
+        if dtypes is not None and key.dtype.is_floating_point and key.requires_grad:
+            slots = dtypes
+        buckets.append(
+            Bucket(len(buckets), key, tuple(indices), offset, padded, padded // world_size, slots, unit)
+        )
+    if any(r is None for r in records):
+        raise ValueError("a grouping dropped parameters")
+    final = tuple(r for r in records if r is not None)
+    by_fqn = {r.fqn: r.index for r in final}
+    by_fqn.update({alias: r.index for r in final for alias in r.aliases})
+    return Layout(world_size, final, tuple(buckets), by_fqn)

@@ -1,0 +1,222 @@
+"""The sharded optimizer: the user's own ``torch.optim`` object, re-pointed at this rank's master slices.
+
+Re-pointing (as DeepSpeed does) rather than building a second optimizer keeps every param group dict the
+same object, so LR schedulers, ``LearningRateMonitor`` and per-group lr / weight decay work untouched, and
+the optimizer's own ``step`` is what runs. Only element-wise optimizers give the same result on slices of
+parameters as on whole ones (see [Note: flat contiguous shards] in ``layout.py``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+from torch import optim
+
+from lightning_zero.sharding.collectives import all_gather_flat, all_gather_objects
+from lightning_zero.sharding.layout import Layout, ShardSlice
+
+__all__ = ["ELEMENTWISE_OPTIMIZERS", "ShardedOptimizer", "check_elementwise"]
+
+ELEMENTWISE_OPTIMIZERS: frozenset[type[optim.Optimizer]] = frozenset(
+    {
+        optim.SGD, optim.Adam, optim.AdamW, optim.Adagrad, optim.RMSprop, optim.Adamax, optim.NAdam,
+        optim.RAdam, optim.Adadelta, optim.ASGD, optim.Rprop,
+    }
+)
+
+_WHOLE_TENSOR_REASONS = {
+    "LBFGS": "it runs a line search over the whole flattened parameter vector and keeps its history",
+    "Adafactor": "it factors the second moment over the rows and columns of each whole weight matrix",
+    "SparseAdam": "it needs sparse gradients, while ZeRO reduces dense flat buckets",
+    "Muon": "it orthogonalises each whole weight matrix",
+    "Shampoo": "its preconditioners span whole weight matrices",
+    "LAMB": "its trust ratio divides by the norm of each whole parameter",
+    "Lamb": "its trust ratio divides by the norm of each whole parameter",
+    "FusedLAMB": "its trust ratio divides by the norm of each whole parameter",
+    "LARS": "its trust ratio divides by the norm of each whole parameter",
+    "Lars": "its trust ratio divides by the norm of each whole parameter",
+}
+
+
+def check_elementwise(optimizer: optim.Optimizer, allow_unknown: bool = False) -> None:
+    """Raise unless ``optimizer`` updates each element from that element's own state only.
+
+    ZeRO hands each rank contiguous slices that cut through parameters; an optimizer whose update of an
+    element depends on the rest of its tensor (norms, factorisations, line searches) would silently
+    compute something else. Unknown classes need ``allow_unknown=True``: the caller vouches for them.
+    """
+    cls = type(optimizer)
+    for klass in cls.__mro__:
+        reason = _WHOLE_TENSOR_REASONS.get(klass.__name__)
+        if reason is not None:
+            raise ValueError(
+                f"{cls.__name__} cannot be sharded by ZeRO: {reason}, but each rank holds only a slice. "
+                "Use an element-wise optimizer such as AdamW or SGD."
+            )
+    if cls in ELEMENTWISE_OPTIMIZERS or allow_unknown:
+        return
+    known = ", ".join(sorted(k.__name__ for k in ELEMENTWISE_OPTIMIZERS))
+    raise ValueError(
+        f"{cls.__module__}.{cls.__name__} is not a known element-wise optimizer ({known}). ZeRO steps "
+        "slices of parameters, which is exact only when each element's update depends on that element "
+        "alone. If yours is, pass allow_unknown_optimizer=True."
+    )
+
+
+_Entry = tuple[ShardSlice, torch.Tensor, torch.Tensor]  # (slice, master view, gradient view)
+
+
+class ShardedOptimizer:
+    """Steps the user's optimizer on this rank's slices and moves its state to and from full form."""
+
+    def __init__(
+        self,
+        optimizer: optim.Optimizer,
+        layout: Layout,
+        rank: int,
+        masters: Mapping[int, torch.Tensor],
+        grad_shards: Mapping[int, torch.Tensor],
+        fqn_of: Mapping[torch.Tensor, str],
+        allow_unknown: bool = False,
+    ) -> None:
+        check_elementwise(optimizer, allow_unknown)
+        if optimizer.state:
+            raise ValueError(
+                "the optimizer already holds state; wrap it first, then restore the state with "
+                "load_full_state_dict() so that each rank keeps only its slice"
+            )
+        self.optimizer = optimizer
+        self.layout = layout
+        self.rank = rank
+        self.device = next(iter(masters.values())).device if masters else torch.device("cpu")
+        self.param_fqns: list[list[str]] = [[fqn_of[p] for p in g["params"]] for g in optimizer.param_groups]
+        self.entries: dict[int, list[_Entry]] = {}
+        for group_index, group in enumerate(optimizer.param_groups):
+            views = []
+            for bucket in layout.buckets:
+                if not (bucket.trainable and bucket.key.group == group_index):
+                    continue
+                entries = self.entries.setdefault(bucket.index, [])
+                for piece in layout.shard_slices(bucket, rank):
+                    master = masters[bucket.index].narrow(0, piece.shard_offset, piece.numel)
+                    grad = grad_shards[bucket.index].narrow(0, piece.shard_offset, piece.numel)
+                    entries.append((piece, master, grad))
+                    views.append(master)
+            group["params"] = views
+        self._stepping = False
+        self._guard = optimizer.register_step_pre_hook(self._refuse_direct_step)
+
+    def _refuse_direct_step(self, *_: Any) -> None:
+        if not self._stepping:
+            raise RuntimeError(
+                "this optimizer is sharded by lightning-zero; step it through the engine (ZeroEngine.step) "
+                "so gradients are reduced before and parameters gathered after"
+            )
+
+    def step(self, had_grad: Sequence[bool]) -> None:
+        """Step the slices of parameters that had a gradient on some rank in this window."""
+        for entries in self.entries.values():
+            for piece, master, grad in entries:
+                if had_grad[piece.param]:
+                    master.grad = grad if grad.dtype == master.dtype else grad.to(master.dtype)
+                else:
+                    master.grad = None
+        self._stepping = True
+        try:
+            self.optimizer.step()
+        finally:
+            self._stepping = False
+
+    # ------------------------------------------------------------------ full state
+    def full_state_dict(self, group: torch.distributed.ProcessGroup | None) -> dict[str, Any]:
+        """Every parameter's optimizer state, whole and keyed by FQN, on every rank (a collective)."""
+        fqns = [record.fqn for record in self.layout.params]
+        schema: dict[int, dict[str, tuple[str, Any]]] = {}
+        for entries in self.entries.values():
+            for piece, master, _ in entries:
+                for key, value in self.optimizer.state.get(master, {}).items():
+                    if torch.is_tensor(value) and value.dim() > 0:
+                        if value.shape != master.shape:
+                            raise ValueError(
+                                f"optimizer state {key!r} of {fqns[piece.param]!r} is not element-wise "
+                                f"(shape {tuple(value.shape)} for a slice of {master.numel()} elements)"
+                            )
+                        schema.setdefault(piece.param, {})[key] = ("tensor", value.dtype)
+                    else:
+                        scalar = value.detach().cpu().clone() if torch.is_tensor(value) else value
+                        schema.setdefault(piece.param, {})[key] = ("scalar", scalar)
+        merged: dict[int, dict[str, tuple[str, Any]]] = {}
+        for rank_schema in all_gather_objects(schema, group):
+            for index, keys in rank_schema.items():
+                merged.setdefault(index, {}).update(keys)
+        state: dict[str, dict[str, Any]] = {fqns[i]: {} for i in sorted(merged)}
+        for index, keys in merged.items():
+            for key, (kind, value) in keys.items():
+                if kind == "scalar":
+                    state[fqns[index]][key] = value
+        for bucket in self.layout.buckets:
+            if not bucket.trainable:
+                continue
+            tensor_keys = sorted(
+                {(key, value) for i in bucket.params for key, (kind, value) in merged.get(i, {}).items()
+                 if kind == "tensor"},
+                key=lambda kv: (kv[0], str(kv[1])),
+            )
+            entries = self.entries.get(bucket.index, [])
+            device = self.device
+            for key, dtype in tensor_keys:
+                local = torch.zeros(bucket.shard_numel, dtype=dtype, device=device)
+                for piece, master, _ in entries:
+                    value = self.optimizer.state.get(master, {}).get(key)
+                    if value is not None:
+                        local.narrow(0, piece.shard_offset, piece.numel).copy_(value)
+                full = torch.empty(bucket.padded_numel, dtype=dtype, device=device)
+                all_gather_flat(full, local, group).wait()
+                for index in bucket.params:
+                    if merged.get(index, {}).get(key, ("",))[0] == "tensor":
+                        record = self.layout.params[index]
+                        state[record.fqn][key] = full.narrow(0, record.offset, record.numel).view(
+                            record.shape).clone()
+        groups = [
+            {**{k: v for k, v in g.items() if k != "params"}, "params": list(names)}
+            for g, names in zip(self.optimizer.param_groups, self.param_fqns)
+        ]
+        return {"state": state, "param_groups": groups}
+
+    def load_full_state_dict(self, full: Mapping[str, Any]) -> None:
+        """Take this rank's slices out of a ``full_state_dict()`` saved on any world size (no collective)."""
+        groups = full["param_groups"]
+        if len(groups) != len(self.optimizer.param_groups):
+            raise ValueError(
+                f"the saved optimizer has {len(groups)} param groups, this one {len(self.optimizer.param_groups)}"
+            )
+        for index, (saved, names) in enumerate(zip(groups, self.param_fqns)):
+            if list(saved["params"]) != names:
+                raise ValueError(
+                    f"param group {index} holds different parameters than the saved one; "
+                    f"first differences: {sorted(set(saved['params']) ^ set(names))[:3]}"
+                )
+        for group, saved in zip(self.optimizer.param_groups, groups):
+            group.update({k: v for k, v in saved.items() if k != "params"})
+        self.optimizer.state.clear()
+        saved_state = full["state"]
+        for entries in self.entries.values():
+            for piece, master, _ in entries:
+                record = self.layout.params[piece.param]
+                values = saved_state.get(record.fqn)
+                if not values:
+                    continue
+                restored: dict[str, Any] = {}
+                for key, value in values.items():
+                    if torch.is_tensor(value) and value.dim() > 0:
+                        flat = value.reshape(-1).narrow(0, piece.start, piece.numel)
+                        restored[key] = flat.to(device=master.device).clone()
+                    else:
+                        restored[key] = value.clone() if torch.is_tensor(value) else value
+                self.optimizer.state[master] = restored
+
+    def remove_hooks(self) -> None:
+        """Stop refusing direct steps (the engine is being torn down)."""
+        self._guard.remove()
