@@ -4,6 +4,7 @@ different rows, per-tensor ||delta|| / ||ref|| <= 1e-5 after 10 optimizer steps.
 from __future__ import annotations
 
 import pytest
+import torch
 
 from lightning_zero import ZeroConfig
 from tests.helpers import relative_errors, train_ddp, train_zero, twin_models
@@ -68,3 +69,59 @@ def test_parity_uneven_world_sizes(pools, world_size: int) -> None:
 
 def test_parity_single_bucket(pools) -> None:
     _run(pools, 2, [(2, "sgd", 4, "boundary", None), (1, "adamw", 4, "every_micro_batch", None)], 10**6)
+
+
+class TiedNet(torch.nn.Module):
+    """Input embedding shared with the output projection, and a layer called twice per forward."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = torch.nn.Embedding(10, 6)
+        self.mix = torch.nn.Linear(6, 6)
+        self.out = torch.nn.Linear(6, 10, bias=False)
+        self.out.weight = self.embed.weight
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        h = self.embed(tokens)
+        h = torch.tanh(self.mix(torch.tanh(self.mix(h))))
+        return self.out(h)
+
+
+def tied_parity(stage: int) -> float:
+    import copy
+
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel
+
+    from lightning_zero import ZeroEngine
+
+    torch.manual_seed(0)
+    model = TiedNet()
+    reference = copy.deepcopy(model)
+    ddp = DistributedDataParallel(reference)
+    ref_opt = torch.optim.SGD(reference.parameters(), lr=0.1, momentum=0.9)
+    engine = ZeroEngine(model, torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9),
+                        ZeroConfig(stage=stage, bucket_numel=40))
+    for step in range(STEPS):
+        gen = torch.Generator().manual_seed(step * 10 + dist.get_rank())
+        tokens = torch.randint(0, 10, (4, 5), generator=gen)
+        for net in (ddp, model):
+            logits = net(tokens)
+            torch.nn.functional.cross_entropy(logits.reshape(-1, 10), tokens.roll(1, 1).reshape(-1)).backward()
+        ref_opt.step()
+        ref_opt.zero_grad()
+        engine.step()
+    assert model.out.weight is model.embed.weight
+    state = engine.full_state_dict()["params"]
+    assert torch.equal(state["out.weight"], state["embed.weight"])
+    engine.close()
+    from tests.helpers import relative_errors
+
+    return max(relative_errors(model, reference).values())
+
+
+@pytest.mark.parametrize("stage", [1, 2])
+def test_parity_tied_weights_and_reused_layer(pools, stage) -> None:
+    errors = pools(3).run(tied_parity, stage)
+    print(f"tied weights stage {stage}: worst {max(errors):.2e}")
+    assert max(errors) <= TOLERANCE

@@ -82,11 +82,9 @@ class ShardedOptimizer:
         allow_unknown: bool = False,
     ) -> None:
         check_elementwise(optimizer, allow_unknown)
-        if optimizer.state:
-            raise ValueError(
-                "the optimizer already holds state; wrap it first, then restore the state with "
-                "load_full_state_dict() so that each rank keeps only its slice"
-            )
+        # State the optimizer already holds (Adagrad makes it at construction; a resumed optimizer has it)
+        # is kept: each rank slices out its part below.
+        existing = {fqn_of[p]: dict(values) for p, values in optimizer.state.items()}
         self.optimizer = optimizer
         self.layout = layout
         self.rank = rank
@@ -105,6 +103,8 @@ class ShardedOptimizer:
                     entries.append((piece, master, grad))
                     views.append(master)
             group["params"] = views
+        optimizer.state.clear()
+        self._restore_slices(existing)
         self._stepping = False
         self._guard = optimizer.register_step_pre_hook(self._refuse_direct_step)
 
@@ -201,18 +201,20 @@ class ShardedOptimizer:
         for group, saved in zip(self.optimizer.param_groups, groups):
             group.update({k: v for k, v in saved.items() if k != "params"})
         self.optimizer.state.clear()
-        saved_state = full["state"]
+        self._restore_slices(full["state"])
+
+    def _restore_slices(self, state: Mapping[str, Mapping[str, Any]]) -> None:
+        """Give each of this rank's slices its part of whole-parameter ``state`` (keyed by FQN)."""
         for entries in self.entries.values():
             for piece, master, _ in entries:
-                record = self.layout.params[piece.param]
-                values = saved_state.get(record.fqn)
+                values = state.get(self.layout.params[piece.param].fqn)
                 if not values:
                     continue
                 restored: dict[str, Any] = {}
                 for key, value in values.items():
                     if torch.is_tensor(value) and value.dim() > 0:
                         flat = value.reshape(-1).narrow(0, piece.start, piece.numel)
-                        restored[key] = flat.to(device=master.device).clone()
+                        restored[key] = flat.to(device=master.device, copy=True)
                     else:
                         restored[key] = value.clone() if torch.is_tensor(value) else value
                 self.optimizer.state[master] = restored

@@ -1,0 +1,66 @@
+"""Which collectives run when: counted by wrapping the engine's collective functions."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from lightning_zero import ZeroConfig
+from lightning_zero.sharding import collectives
+from tests.helpers import build_model, loss_of, train_zero
+
+
+def count_collectives(stage: int, policy: str, accumulate: int) -> dict[str, object]:
+    model = build_model()
+    engine, _ = train_zero(model, "sgd", 0, ZeroConfig(stage=stage, bucket_numel=150, reduce_policy=policy))
+    calls: list[tuple[str, torch.dtype]] = []
+    original_rs, original_ag = collectives._reduce_scatter, collectives._all_gather
+
+    def reduce_scatter(output, flat, **kwargs):
+        calls.append(("reduce_scatter", flat.dtype))
+        return original_rs(output, flat, **kwargs)
+
+    def all_gather(flat, shard, **kwargs):
+        calls.append(("all_gather", flat.dtype))
+        return original_ag(flat, shard, **kwargs)
+
+    collectives._reduce_scatter, collectives._all_gather = reduce_scatter, all_gather
+    per_micro_batch = []
+    grads_after_backward = []
+    try:
+        for micro in range(accumulate):
+            before = len(calls)
+            if micro < accumulate - 1:
+                with engine.no_sync():
+                    loss_of(model, 0, micro, accumulate).backward()
+            else:
+                loss_of(model, 0, micro, accumulate).backward()
+            per_micro_batch.append(len(calls) - before)
+            grads_after_backward.append(sum(p.grad is not None for p in model.parameters()))
+        before = len(calls)
+        engine.step()
+        at_step = [name for name, _ in calls[before:]]
+    finally:
+        collectives._reduce_scatter, collectives._all_gather = original_rs, original_ag
+    trainable = sum(b.trainable for b in engine.layout.buckets)
+    engine.close()
+    return {"per_micro_batch": per_micro_batch, "at_step": at_step, "trainable": trainable,
+            "dtypes": sorted({str(d) for _, d in calls}), "grads_after_backward": grads_after_backward}
+
+
+@pytest.mark.parametrize(("stage", "policy"), [(1, "boundary"), (2, "boundary"), (2, "every_micro_batch"),
+                                               (1, "every_micro_batch")])
+def test_collectives_per_micro_batch(pools, stage, policy) -> None:
+    result = pools(2).run(count_collectives, stage, policy, 4)[0]
+    buckets = result["trainable"]
+    if policy == "boundary":
+        assert result["per_micro_batch"] == [0, 0, 0, buckets]  # nothing before the boundary
+    else:
+        assert result["per_micro_batch"] == [buckets] * 4
+    assert result["at_step"] == ["all_gather"] * buckets  # reductions all finished during backward
+    assert result["dtypes"] == ["torch.float32"]
+    trainable_params = 11
+    if stage == 1:  # full gradients stay, as views into the bucket buffers
+        assert result["grads_after_backward"][-1] == trainable_params
+    else:  # stage 2 hands every reduced gradient over and frees it
+        assert result["grads_after_backward"][-1] == 0
