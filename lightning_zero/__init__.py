@@ -1,10 +1,21 @@
-"""lightning-zero: ZeRO stages 1-2 on plain torch.distributed, headed for a native Lightning strategy."""
+"""lightning-zero: ZeRO for PyTorch Lightning on plain torch.distributed.
+
+Importing the package registers the strategy names ("zero1", "zero2", "zero1_spawn", ...) with
+Lightning's ``StrategyRegistry``, so ``Trainer(strategy="zero2")`` works after ``import lightning_zero``.
+"""
+
+from lightning.pytorch.strategies import StrategyRegistry
 
 from lightning_zero.config import ZeroConfig
 from lightning_zero.memory import ModelStateBytes, model_state_bytes
+from lightning_zero.precision import ZeroPrecision
 from lightning_zero.sharding import ByModule, BySize, DtypeSlots, ZeroEngine, check_elementwise
+from lightning_zero.strategy import ZeroStrategy
 
 __version__ = "0.1.0"
+
+if "zero2" not in StrategyRegistry:
+    ZeroStrategy.register_strategies(StrategyRegistry)
 
 __all__ = [
     "ByModule",
@@ -13,6 +24,8 @@ __all__ = [
     "ModelStateBytes",
     "ZeroConfig",
     "ZeroEngine",
+    "ZeroPrecision",
+    "ZeroStrategy",
     "check_elementwise",
     "model_state_bytes",
 ]

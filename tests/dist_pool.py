@@ -32,6 +32,10 @@ def _worker(rank: int, world_size: int, port: int, jobs: Any, results: Any) -> N
 
     torch.set_num_threads(1)
     os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
+    # Look like a torchrun child, so a Lightning Trainer in this process joins the existing group
+    # instead of launching processes of its own.
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE=str(world_size),
+                      RANK=str(rank), LOCAL_RANK=str(rank), NODE_RANK="0", LOCAL_WORLD_SIZE=str(world_size))
     dist.init_process_group(
         "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size,
         timeout=datetime.timedelta(seconds=60),

@@ -151,7 +151,18 @@ class ZeroEngine:
     def reduce_gradients(self) -> None:
         """Finish this window's reductions and average the gradient shards (idempotent until the step)."""
         if self._had_grad is None:
+            self._check_trainability_unchanged()
             self._had_grad = self.reducer.finish(divide_by=self.world_size)
+
+    def _check_trainability_unchanged(self) -> None:
+        for record in self.layout.params:
+            planned = self.layout.buckets[record.bucket].key.requires_grad
+            if self.params[record.index].requires_grad != planned:
+                raise RuntimeError(
+                    f"{record.fqn}.requires_grad changed from {planned} after ZeRO planned its buckets; its "
+                    "gradient would be neither reduced nor stepped. Set requires_grad before the engine (or "
+                    "the strategy's setup) is created."
+                )
 
     def grad_shards(self) -> list[torch.Tensor]:
         """This rank's averaged gradient slices, one 1-D tensor per trainable bucket."""

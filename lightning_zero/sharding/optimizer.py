@@ -117,6 +117,12 @@ class ShardedOptimizer:
 
     def step(self, had_grad: Sequence[bool]) -> None:
         """Step the slices of parameters that had a gradient on some rank in this window."""
+        if len(self.optimizer.param_groups) != len(self.param_fqns):
+            raise RuntimeError(
+                "optimizer.add_param_group() was called after ZeRO sharded the optimizer (BaseFinetuning's "
+                "unfreeze_and_add_param_group does this); ZeRO cannot re-plan mid-fit. Put every parameter in "
+                "the optimizer from the start and unfreeze with requires_grad before setup instead."
+            )
         for entries in self.entries.values():
             for piece, master, grad in entries:
                 if had_grad[piece.param]:

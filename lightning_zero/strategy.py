@@ -1,0 +1,193 @@
+"""ZeroStrategy: Lightning lifecycle glue around the sharding engine (setup, accumulation, checkpoint
+hooks, registration). The ZeRO mechanics live in ``lightning_zero.sharding``."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Generator, Mapping
+from datetime import timedelta
+from typing import Any, Literal
+
+import lightning.pytorch as pl
+import torch
+from lightning.fabric.plugins import CheckpointIO, ClusterEnvironment
+from lightning.fabric.plugins.collectives.torch_collective import default_pg_timeout
+from lightning.fabric.strategies.registry import _StrategyRegistry
+from lightning.pytorch.plugins.precision import Precision
+from lightning.pytorch.strategies import DDPStrategy
+from lightning.pytorch.trainer.states import TrainerFn
+from torch.optim import Optimizer
+from typing_extensions import override
+
+from lightning_zero.config import ReducePolicyName, ZeroConfig
+from lightning_zero.precision import ZeroPrecision
+from lightning_zero.sharding.engine import ZeroEngine
+
+__all__ = ["ZeroStrategy"]
+
+
+class ZeroStrategy(DDPStrategy):
+    """ZeRO data parallel training: stage 1 shards optimizer state, stage 2 also gradients.
+
+    Launching, cluster environments, ``num_nodes`` and the process group come from Lightning's DDP
+    machinery (subprocess, spawn and fork launchers; torchrun and SLURM); the model is not wrapped.
+    Lightning's ``accumulate_grad_batches`` decides the reduction boundary through
+    ``block_backward_sync()``; ``reduce_policy`` decides whether micro-batches before it reduce too.
+
+    Args:
+        stage: 1 shards optimizer state, 2 also gradients.
+        reduce_policy: "boundary" reduces only on the micro-batch that steps (no collective before it,
+            full local gradients held meanwhile); "every_micro_batch" reduce-scatters every micro-batch so
+            stage 2 keeps gradient memory sharded; "auto" picks per stage (see the README).
+        bucket_numel: elements per gradient bucket.
+        allow_unknown_optimizer: shard an optimizer class not known to be element-wise (you vouch for it).
+        timeout: how long collectives wait before failing, as for ``DDPStrategy``.
+        start_method: "popen" (subprocess, like ``ddp``), "spawn", "fork" (notebooks) or "forkserver".
+    """
+
+    strategy_name = "zero"
+
+    def __init__(
+        self,
+        stage: Literal[1, 2] = 2,
+        reduce_policy: ReducePolicyName = "auto",
+        bucket_numel: int = 2**23,
+        allow_unknown_optimizer: bool = False,
+        accelerator: pl.accelerators.Accelerator | None = None,
+        parallel_devices: list[torch.device] | None = None,
+        cluster_environment: ClusterEnvironment | None = None,
+        checkpoint_io: CheckpointIO | None = None,
+        precision_plugin: Precision | None = None,
+        process_group_backend: str | None = None,
+        timeout: timedelta | None = default_pg_timeout,
+        start_method: Literal["popen", "spawn", "fork", "forkserver"] = "popen",
+    ) -> None:
+        self.config = ZeroConfig(
+            stage=stage, bucket_numel=bucket_numel, reduce_policy=reduce_policy,
+            allow_unknown_optimizer=allow_unknown_optimizer,
+        )
+        super().__init__(
+            accelerator=accelerator,
+            parallel_devices=parallel_devices,
+            cluster_environment=cluster_environment,
+            checkpoint_io=checkpoint_io,
+            precision_plugin=precision_plugin,
+            process_group_backend=process_group_backend,
+            timeout=timeout,
+            start_method=start_method,
+        )
+        self.engines: list[ZeroEngine] = []
+
+    # ------------------------------------------------------------------ precision pairing
+    @property  # type: ignore[override]
+    @override
+    def precision_plugin(self) -> ZeroPrecision:
+        plugin = self._precision_plugin
+        return plugin if isinstance(plugin, ZeroPrecision) else ZeroPrecision()
+
+    @precision_plugin.setter
+    @override
+    def precision_plugin(self, plugin: Precision | None) -> None:
+        # Lightning hands a third-party strategy its generic plugin; convert it instead of refusing it.
+        if plugin is None or isinstance(plugin, ZeroPrecision):
+            self._precision_plugin = plugin
+        elif type(plugin) is Precision:
+            self._precision_plugin = ZeroPrecision("32-true")
+        else:
+            name = getattr(plugin, "precision", type(plugin).__name__)
+            raise ValueError(
+                f"ZeroStrategy runs precision='32-true' for now; got {name!r} ({type(plugin).__name__}). "
+                "Pass precision='32-true' (mixed precision through ZeroPrecision is not available yet)."
+            )
+
+    # ------------------------------------------------------------------ setup
+    @override
+    def setup(self, trainer: pl.Trainer) -> None:
+        assert self.accelerator is not None and self.model is not None
+        self.accelerator.setup(trainer)
+        self.model_to_device()
+        self._release_engines()
+        if trainer.state.fn == TrainerFn.FITTING:
+            self.setup_optimizers(trainer)
+            self._shard_optimizers()
+        else:
+            from lightning.pytorch.strategies.ddp import _sync_module_states
+
+            _sync_module_states(self.model)
+        self.setup_precision_plugin()
+
+    def _shard_optimizers(self) -> None:
+        if len(self.optimizers) != 1:
+            raise ValueError(
+                f"ZeroStrategy shards exactly one optimizer, configure_optimizers() returned "
+                f"{len(self.optimizers)}. Put every parameter group in one optimizer."
+            )
+        assert self.lightning_module is not None
+        precision = self.precision_plugin
+        self._precision_plugin = precision
+        for optimizer in self.optimizers:
+            engine = ZeroEngine(self.lightning_module, optimizer, self.config)
+            precision.bind(optimizer, engine)
+            self.engines.append(engine)
+
+    def _release_engines(self) -> None:
+        for engine in self.engines:
+            engine.close()
+        self.engines.clear()
+        if isinstance(self._precision_plugin, ZeroPrecision):
+            self._precision_plugin.release()
+
+    @override
+    def _setup_model(self, model: torch.nn.Module) -> torch.nn.Module:
+        return model  # ZeRO needs no wrapper: the engine hooks the parameters themselves
+
+    @override
+    def configure_ddp(self) -> None:
+        return None
+
+    # ------------------------------------------------------------------ training
+    @contextlib.contextmanager
+    @override
+    def block_backward_sync(self) -> Generator[None, None, None]:
+        """Lightning enters this on micro-batches that do not step: reduce nothing there ("boundary")."""
+        with contextlib.ExitStack() as stack:
+            for engine in self.engines:
+                stack.enter_context(engine.no_sync())
+            yield
+
+    def grad_norm(self, norm_type: float = 2.0) -> torch.Tensor:
+        """Global norm of the (reduced, averaged) gradient; a collective, for ``on_before_optimizer_step``."""
+        if not self.engines:
+            raise RuntimeError("grad_norm() is available while fitting, once the optimizer is set up")
+        return self.engines[0].grad_norm(norm_type)
+
+    # ------------------------------------------------------------------ checkpoints
+    @override
+    def optimizer_state(self, optimizer: Optimizer) -> dict[str, Any]:
+        """Whole optimizer state keyed by parameter name (a collective: every rank calls it)."""
+        engine = self.precision_plugin.engine_for(optimizer)
+        return engine.optimizer.full_state_dict(engine.group)
+
+    @override
+    def load_optimizer_state_dict(self, checkpoint: Mapping[str, Any]) -> None:
+        for optimizer, state in zip(self.optimizers, checkpoint["optimizer_states"]):
+            self.precision_plugin.engine_for(optimizer).optimizer.load_full_state_dict(state)
+
+    # ------------------------------------------------------------------ teardown and names
+    @override
+    def teardown(self) -> None:
+        self._release_engines()
+        super().teardown()
+
+    @classmethod
+    @override
+    def register_strategies(cls, strategy_registry: _StrategyRegistry) -> None:
+        for stage in (1, 2):
+            for suffix, start_method in (("", "popen"), ("_spawn", "spawn"), ("_notebook", "fork")):
+                strategy_registry.register(
+                    f"zero{stage}{suffix}",
+                    cls,
+                    description=f"ZeRO stage {stage} with start_method '{start_method}'",
+                    stage=stage,
+                    start_method=start_method,
+                )
