@@ -73,3 +73,16 @@ def trainer(strategy: Any, **kwargs: Any) -> pl.Trainer:
 
 def loader(length: int, accumulate: int) -> DataLoader:
     return DataLoader(MicroBatches(length, accumulate), batch_size=None, shuffle=False)
+
+
+class SpawnLoader:
+    """A picklable stand-in for ``loader(length, accumulate)``, built inside each spawned rank."""
+
+    def __init__(self, length: int, accumulate: int) -> None:
+        self.length, self.accumulate = length, accumulate
+
+    def __iter__(self):  # noqa: ANN204
+        return iter(loader(self.length, self.accumulate))
+
+    def __len__(self) -> int:
+        return self.length

@@ -1,0 +1,164 @@
+"""ZeroStrategy's names, settings, precision pairing, bad input and lifecycle inside Lightning."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import lightning.pytorch as pl
+import pytest
+import torch
+from lightning.pytorch.strategies import StrategyRegistry
+from lightning.pytorch.strategies.launchers import _MultiProcessingLauncher, _SubprocessScriptLauncher
+
+import lightning_zero  # noqa: F401 - registers the names
+from lightning_zero import ZeroPrecision, ZeroStrategy
+from tests.dist_pool import RankError
+from tests.lit_helpers import LitTiny, loader, trainer
+
+NAMES = {
+    "zero1": (1, _SubprocessScriptLauncher, None),
+    "zero2": (2, _SubprocessScriptLauncher, None),
+    "zero1_spawn": (1, _MultiProcessingLauncher, "spawn"),
+    "zero2_spawn": (2, _MultiProcessingLauncher, "spawn"),
+    "zero1_notebook": (1, _MultiProcessingLauncher, "fork"),
+    "zero2_notebook": (2, _MultiProcessingLauncher, "fork"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(NAMES))
+def test_each_name_gives_its_stage_and_launcher(name: str) -> None:
+    stage, launcher, start_method = NAMES[name]
+    assert StrategyRegistry[name]["init_params"]["stage"] == stage
+    fit = pl.Trainer(strategy=name, accelerator="cpu", devices=2, logger=False)
+    assert isinstance(fit.strategy, ZeroStrategy) and fit.strategy.config.stage == stage
+    assert isinstance(fit.strategy.launcher, launcher)
+    if start_method is not None:
+        assert fit.strategy.launcher._start_method == start_method
+    assert isinstance(fit.strategy.precision_plugin, ZeroPrecision)
+    assert fit.strategy.launcher.is_interactive_compatible == (start_method == "fork")
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"stage": 4}, "stage must be one of"),
+        ({"reduce_policy": "sometimes"}, "reduce_policy must be one of"),
+        ({"bucket_numel": 0}, "bucket_numel must be a positive integer"),
+    ],
+)
+def test_bad_settings_fail_at_construction(kwargs: dict[str, Any], message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        ZeroStrategy(**kwargs)
+
+
+@pytest.mark.parametrize("precision", ["bf16-mixed", "16-mixed", "bf16-true", "64-true"])
+def test_unsupported_precision_fails_when_the_trainer_is_built(precision: str) -> None:
+    with pytest.raises(ValueError, match="precision='32-true'"):
+        pl.Trainer(strategy="zero2", accelerator="cpu", devices=2, precision=precision)
+
+
+def test_explicit_zero_precision_is_kept() -> None:
+    plugin = ZeroPrecision("32-true")
+    fit = pl.Trainer(strategy=ZeroStrategy(stage=1), accelerator="cpu", devices=2, plugins=[plugin])
+    assert fit.strategy.precision_plugin is plugin
+    with pytest.raises(ValueError, match="supports precision"):
+        ZeroPrecision("bf16-mixed")  # type: ignore[arg-type]
+
+
+class LitLoops(LitTiny):
+    """LitTiny with validation, test and predict loops."""
+
+    def validation_step(self, batch: Any, batch_idx: int) -> None:
+        self.log("val_loss", self.training_step(batch, batch_idx), sync_dist=True)
+
+    def test_step(self, batch: Any, batch_idx: int) -> None:
+        self.log("test_loss", self.training_step(batch, batch_idx), sync_dist=True)
+
+    def predict_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        return self.net(batch[0])
+
+
+def fit_then_loops_then_fit_again(stage: int) -> dict[str, Any]:
+    module = LitLoops("adamw")
+    trainer(ZeroStrategy(stage=stage, bucket_numel=150)).fit(module, loader(6, 1), loader(2, 1))
+    after_fit = {n: p.detach().clone() for n, p in module.net.named_parameters()}
+    gathered = [torch.empty(0)] * torch.distributed.get_world_size()
+    flat = torch.cat([p.reshape(-1) for p in after_fit.values()])
+    torch.distributed.all_gather_object(gathered, flat)
+    same_on_all_ranks = all(torch.equal(flat, other) for other in gathered)
+    loops = trainer(ZeroStrategy(stage=stage))
+    val = loops.validate(module, loader(2, 1), verbose=False)[0]["val_loss"]
+    test = loops.test(module, loader(2, 1), verbose=False)[0]["test_loss"]
+    predictions = loops.predict(module, loader(2, 1))
+    hooks_before = sum(len(p._post_accumulate_grad_hooks or {}) for p in module.parameters())
+    second = trainer(ZeroStrategy(stage=stage, bucket_numel=150), max_steps=3)
+    second.fit(module, loader(6, 1))
+    hooks_after = sum(len(p._post_accumulate_grad_hooks or {}) for p in module.parameters())
+    moved = max((p.detach() - after_fit[n]).abs().max().item() for n, p in module.net.named_parameters())
+    return {"same_on_all_ranks": same_on_all_ranks, "val": val, "test": test,
+            "predictions": len(predictions), "hooks": (hooks_before, hooks_after), "moved": moved,
+            "second_steps": second.global_step}
+
+
+@pytest.mark.parametrize("stage", [1, 2])
+def test_lifecycle_validate_test_predict_and_fit_again(pools, stage: int) -> None:
+    for result in pools(2).run(fit_then_loops_then_fit_again, stage):
+        assert result["same_on_all_ranks"]
+        assert result["val"] > 0 and result["test"] > 0 and result["predictions"] == 2
+        assert result["hooks"] == (0, 0)  # teardown removed every gradient hook
+        assert result["second_steps"] == 3 and result["moved"] > 0
+
+
+class AddGroupMidFit(pl.Callback):
+    def on_train_batch_start(self, trainer: pl.Trainer, module: pl.LightningModule, *_: Any) -> None:
+        if trainer.global_step == 2:
+            trainer.optimizers[0].add_param_group({"params": [module.net.frozen.weight], "lr": 0.01})
+
+
+def add_param_group_mid_fit() -> None:
+    trainer(ZeroStrategy(stage=2), callbacks=[AddGroupMidFit()]).fit(LitTiny(), loader(6, 1))
+
+
+def test_add_param_group_mid_fit_is_refused_on_every_rank(pools) -> None:
+    with pytest.raises(RankError) as info:
+        pools(2).run(add_param_group_mid_fit)
+    assert sorted(info.value.tracebacks) == [0, 1]
+    assert all("add_param_group" in text and "BaseFinetuning" in text for text in info.value.tracebacks.values())
+
+
+def more_than_one_optimizer() -> None:
+    class TwoOptimizers(LitTiny):
+        def __init__(self) -> None:
+            super().__init__()
+            self.automatic_optimization = False  # Lightning allows two optimizers only here
+
+        def configure_optimizers(self) -> Any:
+            return [torch.optim.SGD(self.net.head.parameters(), lr=0.1),
+                    torch.optim.SGD(self.net.embed.parameters(), lr=0.1)]
+
+    trainer(ZeroStrategy(stage=1)).fit(TwoOptimizers(), loader(2, 1))
+
+
+def test_more_than_one_optimizer_is_refused(pools) -> None:
+    with pytest.raises(RankError, match="exactly one optimizer"):
+        pools(2).run(more_than_one_optimizer)
+
+
+def test_spawn_returns_trained_weights_to_the_parent() -> None:
+    """zero2_spawn and ddp_spawn from this (parent) process: the parent's module ends equal."""
+    from tests.helpers import relative_errors
+    from tests.lit_helpers import SpawnLoader
+
+    results = {}
+    for name in ("ddp_spawn_find_unused_parameters_true", "zero2_spawn"):
+        module = LitTiny("sgd")
+        initial = module.net.head.weight.detach().clone()
+        fit = pl.Trainer(strategy=name, accelerator="cpu", devices=2, max_epochs=1, logger=False,
+                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                         use_distributed_sampler=False, accumulate_grad_batches=2)
+        fit.fit(module, SpawnLoader(8, 2))
+        assert not torch.equal(module.net.head.weight, initial)
+        results[name] = module.net
+    worst = max(relative_errors(results["zero2_spawn"], results["ddp_spawn_find_unused_parameters_true"]).values())
+    print(f"spawn parity in the parent: {worst:.2e}")
+    assert worst <= 1e-5
