@@ -21,6 +21,7 @@ from typing_extensions import override
 
 from lightning_zero.config import ReducePolicyName, ZeroConfig
 from lightning_zero.precision import ZeroPrecision
+from lightning_zero.sharding.collectives import settle
 from lightning_zero.sharding.engine import ZeroEngine
 
 __all__ = ["ZeroStrategy"]
@@ -177,6 +178,9 @@ class ZeroStrategy(DDPStrategy):
     @override
     def teardown(self) -> None:
         self._release_engines()
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            # The last collective's handle stays with Python (see [Note: keep finished work handles]).
+            settle([torch.distributed.barrier(async_op=True)])
         super().teardown()
 
     @classmethod

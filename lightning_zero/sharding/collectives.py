@@ -3,6 +3,14 @@
 Every reduction is a SUM; callers divide once, explicitly. gloo ignores ``op`` in ``reduce_scatter_tensor``
 up to torch 2.8, fails on ``PREMUL_SUM`` in every version and is unreliable with ``AVG``.
 
+[Note: keep finished work handles]
+In torch 2.13, gloo's worker thread drops its reference to a Work just after finishing it. If that is the
+last reference, the thread frees the Work's tensors itself, which needs the GIL; shortly before the
+interpreter exits, Python ends such a thread inside a ``noexcept`` destructor and the process aborts
+("terminate called without an active exception", seen under Lightning's ``ddp`` too). So every collective
+here is waited through ``settle``, which keeps the handles until the next ``settle``: the last reference is
+then always dropped by Python, on a thread holding the GIL.
+
 Worked example, two ranks, one bucket of four elements::
 
     reduce_scatter_sum   rank 0 [1 2 3 4], rank 1 [5 6 7 8]  ->  rank 0 [6 8], rank 1 [10 12]
@@ -11,6 +19,7 @@ Worked example, two ranks, one bucket of four elements::
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Any
 
 import torch
@@ -20,9 +29,22 @@ from torch.distributed import ProcessGroup, Work
 __all__ = [
     "all_gather_flat",
     "all_gather_objects",
+    "all_reduce",
     "broadcast_from_first",
     "reduce_scatter_sum",
+    "settle",
 ]
+
+_kept: list[Work] = []  # see [Note: keep finished work handles]
+
+
+def settle(works: Iterable[Work | None]) -> None:
+    """Wait for ``works`` and keep their handles until the next call (see the note above)."""
+    global _kept
+    waited = [work for work in works if work is not None]
+    for work in waited:
+        work.wait()
+    _kept = waited
 
 # torch 2.13 renamed the tensor forms; fall back so older floors keep working.
 _reduce_scatter = getattr(dist, "reduce_scatter_single", dist.reduce_scatter_tensor)
@@ -45,9 +67,12 @@ def all_gather_flat(flat: torch.Tensor, shard: torch.Tensor, group: ProcessGroup
 def broadcast_from_first(tensors: list[torch.Tensor], group: ProcessGroup | None) -> None:
     """Overwrite ``tensors`` on every rank with the values of the group's first rank."""
     src = dist.get_global_rank(group, 0) if group is not None else 0
-    works = [dist.broadcast(t, src=src, group=group, async_op=True) for t in tensors]
-    for work in works:
-        work.wait()
+    settle([dist.broadcast(t, src=src, group=group, async_op=True) for t in tensors])
+
+
+def all_reduce(tensor: torch.Tensor, op: dist.ReduceOp, group: ProcessGroup | None) -> None:
+    """Reduce ``tensor`` in place across ranks with ``op`` and wait."""
+    settle([dist.all_reduce(tensor, op=op, group=group, async_op=True)])
 
 
 def all_gather_objects(obj: Any, group: ProcessGroup | None) -> list[Any]:

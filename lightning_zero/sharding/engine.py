@@ -16,7 +16,13 @@ import torch.distributed as dist
 from torch.distributed import ProcessGroup
 
 from lightning_zero.config import ZeroConfig, resolve_reduce_policy
-from lightning_zero.sharding.collectives import all_gather_flat, all_gather_objects, broadcast_from_first
+from lightning_zero.sharding.collectives import (
+    all_gather_flat,
+    all_gather_objects,
+    all_reduce,
+    broadcast_from_first,
+    settle,
+)
 from lightning_zero.sharding.gradients import GradientReducer
 from lightning_zero.sharding.layout import BySize, DtypeSlots, Layout, plan_layout
 from lightning_zero.sharding.optimizer import ShardedOptimizer
@@ -188,12 +194,12 @@ class ZeroEngine:
         if math.isinf(norm_type):
             local = torch.stack([s.abs().max() for s in shards]).max().float() if shards else torch.zeros(())
             local = local.to(device)
-            dist.all_reduce(local, op=dist.ReduceOp.MAX, group=self.group)
+            all_reduce(local, dist.ReduceOp.MAX, self.group)
             return local
         local = torch.zeros((), dtype=torch.float64, device=device)
         for shard in shards:
             local += shard.double().norm(norm_type) ** norm_type
-        dist.all_reduce(local, op=dist.ReduceOp.SUM, group=self.group)
+        all_reduce(local, dist.ReduceOp.SUM, self.group)
         return (local ** (1.0 / norm_type)).float()
 
     def clip_grad_value_(self, clip_value: float) -> None:
@@ -225,8 +231,7 @@ class ZeroEngine:
             if bucket.dtypes.separate_master:
                 owned.copy_(self.masters[bucket.index])
             works.append(all_gather_flat(flat, owned, self.group))
-        for work in works:
-            work.wait()
+        settle(works)
 
     def zero_grad(self) -> None:
         """Clear gradients and start a new accumulation window (also done at the end of ``step``)."""
@@ -243,7 +248,7 @@ class ZeroEngine:
             if bucket.trainable and bucket.dtypes.separate_master:
                 source = torch.empty(bucket.padded_numel, dtype=bucket.dtypes.master,
                                      device=self.masters[bucket.index].device)
-                all_gather_flat(source, self.masters[bucket.index], self.group).wait()
+                settle([all_gather_flat(source, self.masters[bucket.index], self.group)])
             for index in bucket.params:
                 record = self.layout.params[index]
                 if source is not None:

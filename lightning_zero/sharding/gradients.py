@@ -22,7 +22,7 @@ import torch.distributed as dist
 from torch.distributed import ProcessGroup, Work
 from torch.utils.hooks import RemovableHandle
 
-from lightning_zero.sharding.collectives import reduce_scatter_sum
+from lightning_zero.sharding.collectives import all_reduce, reduce_scatter_sum
 from lightning_zero.sharding.layout import Bucket, Layout
 
 ReducePolicy = Literal["boundary", "every_micro_batch"]
@@ -233,7 +233,7 @@ class GradientReducer:
             state.shard.div_(divide_by)
         flags = torch.tensor(self.had_grad, dtype=torch.uint8, device=self._device)
         if flags.numel():
-            dist.all_reduce(flags, op=dist.ReduceOp.MAX, group=self.group)
+            all_reduce(flags, dist.ReduceOp.MAX, self.group)
         return [bool(v) for v in flags.tolist()]
 
     @property

@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from torch import optim
 
-from lightning_zero.sharding.collectives import all_gather_flat, all_gather_objects
+from lightning_zero.sharding.collectives import all_gather_flat, all_gather_objects, settle
 from lightning_zero.sharding.layout import Layout, ShardSlice
 
 __all__ = ["ELEMENTWISE_OPTIMIZERS", "ShardedOptimizer", "check_elementwise"]
@@ -179,7 +179,7 @@ class ShardedOptimizer:
                     if value is not None:
                         local.narrow(0, piece.shard_offset, piece.numel).copy_(value)
                 full = torch.empty(bucket.padded_numel, dtype=dtype, device=device)
-                all_gather_flat(full, local, group).wait()
+                settle([all_gather_flat(full, local, group)])
                 for index in bucket.params:
                     if merged.get(index, {}).get(key, ("",))[0] == "tensor":
                         record = self.layout.params[index]

@@ -1,0 +1,37 @@
+"""The README's commands, end to end: Lightning's subprocess launcher (fitting twice in one process) and
+the bare engine under torchrun."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _run(*args: str) -> str:
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    for key in ("MASTER_ADDR", "MASTER_PORT", "WORLD_SIZE", "RANK", "LOCAL_RANK", "NODE_RANK"):
+        env.pop(key, None)
+    done = subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    output = done.stdout + done.stderr
+    assert done.returncode == 0, output[-4000:]
+    assert "terminate called" not in output, output[-4000:]
+    return output
+
+
+def test_lightning_example_fits_twice_with_the_subprocess_launcher() -> None:
+    output = _run(sys.executable, "examples/train_gpt.py", "--strategy", "zero2", "--devices", "2",
+                  "--max-steps", "4", "--fits", "2")
+    assert "fit 2 of 2" in output
+    ratios = [float(r) for r in re.findall(r"vs ddp [\d.]+ MiB \(([\d.]+)x\)", output)]
+    assert len(ratios) == 4 and all(r < 0.7 for r in ratios), output[-2000:]  # 2 ranks x 2 fits
+
+
+def test_engine_example_under_torchrun() -> None:
+    torchrun = str(Path(sys.executable).with_name("torchrun"))
+    output = _run(torchrun, "--standalone", "--nproc_per_node=2", "examples/train_engine.py", "--steps", "3")
+    assert re.search(r"step\s+2\s+loss", output) and output.count("zero2 holds") == 2
