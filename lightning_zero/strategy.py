@@ -83,8 +83,9 @@ class ZeroStrategy(DDPStrategy):
     @property  # type: ignore[override]
     @override
     def precision_plugin(self) -> ZeroPrecision:
-        plugin = self._precision_plugin
-        return plugin if isinstance(plugin, ZeroPrecision) else ZeroPrecision()
+        if not isinstance(self._precision_plugin, ZeroPrecision):
+            self._precision_plugin = ZeroPrecision()
+        return self._precision_plugin
 
     @precision_plugin.setter
     @override
@@ -125,7 +126,6 @@ class ZeroStrategy(DDPStrategy):
             )
         assert self.lightning_module is not None
         precision = self.precision_plugin
-        self._precision_plugin = precision
         for optimizer in self.optimizers:
             engine = ZeroEngine(self.lightning_module, optimizer, self.config)
             precision.bind(optimizer, engine)
@@ -177,7 +177,10 @@ class ZeroStrategy(DDPStrategy):
     # ------------------------------------------------------------------ teardown and names
     @override
     def teardown(self) -> None:
-        self._release_engines()
+        # Unhook the model but keep the engines: trainer.save_checkpoint() after fit still gathers their
+        # optimizer state. The next setup releases them.
+        for engine in self.engines:
+            engine.close()
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             # The last collective's handle stays with Python (see [Note: keep finished work handles]).
             settle([torch.distributed.barrier(async_op=True)])

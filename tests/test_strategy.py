@@ -162,3 +162,33 @@ def test_spawn_returns_trained_weights_to_the_parent() -> None:
     worst = max(relative_errors(results["zero2_spawn"], results["ddp_spawn_find_unused_parameters_true"]).values())
     print(f"spawn parity in the parent: {worst:.2e}")
     assert worst <= 1e-5
+
+
+def checkpoint_and_resume(tmp: str) -> float:
+    """Save after 4 steps and resume to 8, under ddp and under ZeRO (saved in stage 2, resumed in stage 1):
+    the interim checkpoint (whole optimizer state) resumes like ddp's."""
+    import os
+
+    from lightning.pytorch.strategies import DDPStrategy
+
+    from tests.helpers import relative_errors
+
+    finals = {}
+    for name, first, second in (
+        ("ddp", DDPStrategy(find_unused_parameters=True), DDPStrategy(find_unused_parameters=True)),
+        ("zero", ZeroStrategy(stage=2, bucket_numel=150), ZeroStrategy(stage=1, bucket_numel=150)),
+    ):
+        path = os.path.join(tmp, f"{name}.ckpt")
+        start = trainer(first, enable_checkpointing=True, default_root_dir=tmp, max_steps=4)
+        start.fit(LitTiny("adamw", schedule=True), loader(8, 1))
+        start.save_checkpoint(path)
+        resumed = LitTiny("adamw", schedule=True)
+        trainer(second, max_steps=8).fit(resumed, loader(8, 1), ckpt_path=path)
+        finals[name] = resumed.net
+    return max(relative_errors(finals["zero"], finals["ddp"]).values())
+
+
+def test_checkpoint_save_and_resume_through_the_trainer(pools, tmp_path) -> None:
+    worst = max(pools(2).run(checkpoint_and_resume, str(tmp_path)))
+    print(f"resume through Trainer against ddp (stage 2 -> stage 1): {worst:.2e}")
+    assert worst <= 1e-5
