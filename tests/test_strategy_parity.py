@@ -64,3 +64,31 @@ def test_trainer_parity_with_lightning_ddp(pools, world_size) -> None:
         if not ok:
             failures.append((case, result))
     assert not failures, failures
+
+
+class CustomClipping(LitTiny):
+    """A user's own clipping rule: clip by norm only after the second step."""
+
+    def configure_gradient_clipping(self, optimizer: Any, gradient_clip_val: Any = None,
+                                    gradient_clip_algorithm: Any = None) -> None:
+        if self.trainer.global_step >= 2:
+            self.clip_gradients(optimizer, gradient_clip_val=0.2, gradient_clip_algorithm="norm")
+
+
+def custom_clipping_parity(stage: int) -> float:
+    from tests.helpers import relative_errors
+
+    nets = {}
+    for name, strategy in (("ddp", DDPStrategy(find_unused_parameters=True)),
+                           ("zero", ZeroStrategy(stage=stage, bucket_numel=150))):
+        model = CustomClipping("sgd")
+        trainer(strategy, accumulate_grad_batches=2).fit(model, loader(2 * STEPS, 2))
+        nets[name] = model.net
+    return max(relative_errors(nets["zero"], nets["ddp"]).values())
+
+
+@pytest.mark.parametrize("stage", [1, 2])
+def test_users_configure_gradient_clipping_is_honoured(pools, stage: int) -> None:
+    worst = max(pools(2).run(custom_clipping_parity, stage))
+    print(f"custom clipping stage {stage}: {worst:.2e}")
+    assert worst <= 1e-5
