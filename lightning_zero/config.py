@@ -1,11 +1,14 @@
-"""Settings of the sharding engine, one frozen dataclass, validated once at construction."""
+"""Settings of the sharding engine, frozen dataclasses validated once at construction: how to shard
+(``ZeroConfig``) and in which dtypes (``PrecisionPolicy``)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Literal
 
-__all__ = ["ReducePolicyName", "ZeroConfig", "resolve_reduce_policy"]
+import torch
+
+__all__ = ["PrecisionName", "PrecisionPolicy", "ReducePolicyName", "ZeroConfig", "resolve_reduce_policy"]
 
 ReducePolicyName = Literal["auto", "boundary", "every_micro_batch"]
 _POLICIES = ("auto", "boundary", "every_micro_batch")
@@ -52,3 +55,68 @@ def resolve_reduce_policy(stage: int, policy: ReducePolicyName) -> Literal["boun
     if policy not in _POLICIES:
         raise ValueError(f"reduce_policy must be one of {_POLICIES}, got {policy!r}")
     return policy
+
+
+PrecisionName = Literal["32-true", "bf16-mixed", "16-mixed", "bf16-true", "16-true"]
+_LOW = {"bf16": torch.bfloat16, "16": torch.float16}
+
+
+@dataclass(frozen=True)
+class PrecisionPolicy:
+    """The dtypes ZeRO trains in. ``compute`` is the autocast dtype (None: no autocast).
+
+    ``*-mixed``: parameters and full gradients stored in the 16-bit dtype, autocast for compute, fp32
+    master slices. ``*-true``: everything in the 16-bit dtype, no fp32 master. ``reduce`` and
+    ``accumulate`` default to fp32: in ``benchmarks/precision_dtypes.py`` bf16 reduction or bf16
+    accumulation left a 1e-3 relative error in the averaged gradient, fp32 below 1e-8.
+    """
+
+    storage: torch.dtype
+    compute: torch.dtype | None
+    reduce: torch.dtype
+    accumulate: torch.dtype
+    master: torch.dtype
+
+    def __post_init__(self) -> None:
+        for name in ("storage", "reduce", "accumulate", "master"):
+            if not getattr(self, name).is_floating_point:
+                raise ValueError(f"{name} dtype must be floating point, got {getattr(self, name)}")
+        if self.master.itemsize < self.storage.itemsize or (
+            self.master.itemsize == 2 and self.master != self.storage
+        ):
+            raise ValueError(
+                f"master weights in {self.master} cannot hold updates to {self.storage} parameters; use "
+                "master=torch.float32 (the *-mixed policies do)"
+            )
+
+    @classmethod
+    def from_precision(
+        cls,
+        precision: str,
+        reduce: torch.dtype = torch.float32,
+        accumulate: torch.dtype = torch.float32,
+    ) -> PrecisionPolicy:
+        """The policy for a Lightning precision string, e.g. ``"bf16-mixed"``."""
+        if precision == "32-true":
+            return cls(torch.float32, None, torch.float32, torch.float32, torch.float32)
+        low, _, kind = precision.partition("-")
+        if low not in _LOW or kind not in ("mixed", "true"):
+            raise ValueError(
+                f"precision {precision!r} is not supported by ZeRO; use one of "
+                "'32-true', 'bf16-mixed', '16-mixed', 'bf16-true', '16-true'"
+            )
+        dtype = _LOW[low]
+        if kind == "mixed":
+            return cls(dtype, dtype, reduce, accumulate, torch.float32)
+        return cls(dtype, None, reduce, accumulate, dtype)
+
+    @property
+    def needs_loss_scaling(self) -> bool:
+        """fp16 gradients overflow without a dynamic loss scale."""
+        return self.storage == torch.float16
+
+    def slots(self):  # noqa: ANN201 - DtypeSlots; imported here as the sharding package imports this module
+        """The engine's per-bucket dtype slots (``DtypeSlots``) for trainable floating-point parameters."""
+        from lightning_zero.sharding.layout import DtypeSlots
+
+        return DtypeSlots(self.storage, self.reduce, self.accumulate, self.master)

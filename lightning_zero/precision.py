@@ -1,46 +1,72 @@
-"""ZeroPrecision: the Precision half of the ZeRO pair. It runs the optimizer step in ZeRO's order
-(reduce, hooks, clip over the shards, step the slices, all-gather); for now in ``32-true`` only."""
+"""ZeroPrecision: the Precision half of the ZeRO pair. It owns the dtype policy, autocast, fp16 loss
+scaling, and the order of one optimizer step: reduce (folding in 1/(N*scale)), check overflow globally,
+hooks and clipping over the shards, step the slices, all-gather."""
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
-from typing import Any, Literal
+from typing import Any
 
 import lightning.pytorch as pl
+import torch
+from lightning.fabric.utilities.types import Optimizable
 from lightning.pytorch.plugins.precision import Precision
+from torch import Tensor
 from torch.optim import Optimizer
 from typing_extensions import override
 
+from lightning_zero.config import PrecisionName, PrecisionPolicy
+from lightning_zero.loss_scaler import DynamicLossScaler
 from lightning_zero.sharding.engine import ZeroEngine
 
 __all__ = ["ZeroPrecision"]
 
-_SUPPORTED = ("32-true",)
-
 
 class ZeroPrecision(Precision):
-    """Precision plugin for ``ZeroStrategy``.
+    """Precision plugin for ``ZeroStrategy``; ``Trainer(precision=...)`` pairs it automatically.
 
-    ``on_before_optimizer_step`` runs after the gradients are reduced, and clipping by norm or by value
-    works on the shards (the global norm is all-reduced), as the plain plugin cannot do on sharded
-    gradients.
+    ``"bf16-mixed"`` / ``"16-mixed"``: parameters and gradients stored in the 16-bit dtype, autocast for
+    compute, fp32 master slices, buffers (BatchNorm statistics) left in fp32; after ``fit`` the module gets
+    whole fp32 weights back. ``"bf16-true"`` / ``"16-true"``: the whole module in the 16-bit dtype, no fp32
+    master. fp16 uses dynamic loss scaling (``initial_scale_power``, ``loss_scale_window``, ``hysteresis``,
+    ``consecutive_hysteresis``, ``min_loss_scale``, as in DeepSpeed). ``reduce_dtype`` and
+    ``accumulate_dtype`` set how gradients are summed across ranks and micro-batches (fp32 by default).
+
+    ``on_before_optimizer_step`` and clipping see true (unscaled, averaged) gradients; an fp16 overflow on
+    any rank skips the step, the hooks and clipping on every rank and leaves weights and optimizer state
+    untouched.
     """
 
-    def __init__(self, precision: Literal["32-true"] = "32-true") -> None:
-        if precision not in _SUPPORTED:
-            raise ValueError(
-                f"ZeroPrecision supports precision {_SUPPORTED} for now, got {precision!r}; "
-                "train in 32-true until mixed precision lands"
-            )
+    def __init__(
+        self,
+        precision: PrecisionName = "32-true",
+        reduce_dtype: torch.dtype = torch.float32,
+        accumulate_dtype: torch.dtype = torch.float32,
+        initial_scale_power: int = 16,
+        loss_scale_window: int = 1000,
+        hysteresis: int = 2,
+        consecutive_hysteresis: bool = False,
+        min_loss_scale: float = 1.0,
+    ) -> None:
+        self.policy = PrecisionPolicy.from_precision(precision, reduce_dtype, accumulate_dtype)
         self.precision = precision
+        self.scaler = (
+            DynamicLossScaler(initial_scale_power, loss_scale_window, hysteresis, consecutive_hysteresis,
+                              min_loss_scale)
+            if self.policy.needs_loss_scaling else None
+        )
+        self.device_type = "cpu"
+        self.skipped_steps = 0
         self._engines: dict[int, ZeroEngine] = {}
 
+    # ------------------------------------------------------------------ binding
     def bind(self, optimizer: Optimizer, engine: ZeroEngine) -> None:
         """Route ``optimizer``'s steps and clipping through ``engine`` (called by the strategy)."""
         self._engines[id(optimizer)] = engine
 
     def release(self) -> None:
-        """Forget every engine (the strategy is tearing down)."""
+        """Forget every engine (the strategy is setting up again)."""
         self._engines.clear()
 
     def engine_for(self, optimizer: Any) -> ZeroEngine:
@@ -54,17 +80,67 @@ class ZeroPrecision(Precision):
                 "configure_optimizers() so the strategy can set them up"
             ) from None
 
+    # ------------------------------------------------------------------ module and compute
+    @override
+    def convert_module(self, module: torch.nn.Module) -> torch.nn.Module:
+        """Check the pairing; ``*-true`` casts the whole module (mixed: the engine casts parameters)."""
+        from lightning_zero.strategy import ZeroStrategy
+
+        trainer = getattr(module, "_trainer", None)
+        if trainer is not None and not isinstance(trainer.strategy, ZeroStrategy):
+            raise ValueError(
+                f"ZeroPrecision works only with ZeroStrategy, not {type(trainer.strategy).__name__}: use "
+                "strategy='zero1' or 'zero2', or drop ZeroPrecision and pass precision=... to the Trainer"
+            )
+        if self.policy.master == self.policy.storage and self.policy.storage != torch.float32:
+            module = module.to(self.policy.storage)
+        return module
+
+    @override
+    def forward_context(self) -> contextlib.AbstractContextManager:
+        if self.policy.compute is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device_type, dtype=self.policy.compute)
+
+    @override
+    def convert_input(self, data: Any) -> Any:
+        if self.policy.compute is None and self.policy.storage != torch.float32:
+            return _cast_floats(data, self.policy.storage)
+        return data
+
+    @override
+    def tensor_init_context(self) -> contextlib.AbstractContextManager:
+        return contextlib.nullcontext()
+
+    # ------------------------------------------------------------------ backward and step
+    @override
+    def pre_backward(self, tensor: Tensor, module: pl.LightningModule) -> Tensor:  # type: ignore[override]
+        super().pre_backward(tensor, module)
+        return tensor * self.scaler.scale if self.scaler is not None else tensor
+
+    @property
+    def loss_scale(self) -> float:
+        """The current fp16 loss scale (1.0 without loss scaling)."""
+        return self.scaler.scale if self.scaler is not None else 1.0
+
     @override
     def optimizer_step(  # type: ignore[override]
         self,
-        optimizer: Optimizer,
+        optimizer: Optimizable,
         model: pl.LightningModule,
         closure: Callable[[], Any],
         **kwargs: Any,
     ) -> Any:
         engine = self.engine_for(optimizer)
         closure_result = closure()
-        engine.reduce_gradients()
+        engine.reduce_gradients(loss_scale=self.loss_scale)
+        if self.scaler is not None:
+            overflow = engine.found_nonfinite_gradient()
+            self.scaler.update(overflow)
+            if overflow:
+                self.skipped_steps += 1
+                engine.skip_step()
+                return closure_result
         self._after_closure(model, optimizer)
         engine.step()
         return closure_result
@@ -76,3 +152,27 @@ class ZeroPrecision(Precision):
     @override
     def clip_grad_by_value(self, optimizer: Optimizer, clip_val: int | float) -> None:
         self.engine_for(optimizer).clip_grad_value_(float(clip_val))
+
+    # ------------------------------------------------------------------ checkpoint state
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        state: dict[str, Any] = {"precision": self.precision, "skipped_steps": self.skipped_steps}
+        if self.scaler is not None:
+            state["loss_scaler"] = self.scaler.state_dict()
+        return state
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.skipped_steps = int(state_dict.get("skipped_steps", 0))
+        if self.scaler is not None and "loss_scaler" in state_dict:
+            self.scaler.load_state_dict(state_dict["loss_scaler"])
+
+
+def _cast_floats(data: Any, dtype: torch.dtype) -> Any:
+    if isinstance(data, Tensor):
+        return data.to(dtype) if data.is_floating_point() else data
+    if isinstance(data, (list, tuple)):
+        return type(data)(_cast_floats(item, dtype) for item in data)
+    if isinstance(data, dict):
+        return {key: _cast_floats(value, dtype) for key, value in data.items()}
+    return data

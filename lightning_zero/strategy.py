@@ -15,7 +15,7 @@ from lightning.fabric.plugins.collectives.torch_collective import default_pg_tim
 from lightning.fabric.strategies.registry import _StrategyRegistry
 from lightning.pytorch.plugins.precision import Precision
 from lightning.pytorch.strategies import DDPStrategy
-from lightning.pytorch.trainer.states import TrainerFn
+from lightning.pytorch.trainer.states import TrainerFn, TrainerStatus
 from torch.optim import Optimizer
 from typing_extensions import override
 
@@ -25,6 +25,9 @@ from lightning_zero.sharding.collectives import settle
 from lightning_zero.sharding.engine import ZeroEngine
 
 __all__ = ["ZeroStrategy"]
+
+_PRECISIONS = ("32-true", "bf16-mixed", "16-mixed", "bf16-true", "16-true")
+_GENERIC_PLUGINS = ("Precision", "MixedPrecision", "HalfPrecision")
 
 
 class ZeroStrategy(DDPStrategy):
@@ -90,25 +93,29 @@ class ZeroStrategy(DDPStrategy):
     @precision_plugin.setter
     @override
     def precision_plugin(self, plugin: Precision | None) -> None:
-        # Lightning hands a third-party strategy its generic plugin; convert it instead of refusing it.
+        # Lightning hands a third-party strategy its generic plugin (autocast MixedPrecision for
+        # "bf16-mixed"): convert it by its precision string instead of refusing it.
         if plugin is None or isinstance(plugin, ZeroPrecision):
             self._precision_plugin = plugin
-        elif type(plugin) is Precision:
-            self._precision_plugin = ZeroPrecision("32-true")
-        else:
-            name = getattr(plugin, "precision", type(plugin).__name__)
+            return
+        name = getattr(plugin, "precision", None)
+        if type(plugin).__name__ not in _GENERIC_PLUGINS or name not in _PRECISIONS:
             raise ValueError(
-                f"ZeroStrategy runs precision='32-true' for now; got {name!r} ({type(plugin).__name__}). "
-                "Pass precision='32-true' (mixed precision through ZeroPrecision is not available yet)."
+                f"ZeroStrategy cannot run {type(plugin).__name__} (precision {name!r}); use precision= one of "
+                f"{', '.join(_PRECISIONS)}, or plugins=[lightning_zero.ZeroPrecision(...)]"
             )
+        self._precision_plugin = ZeroPrecision(name)
 
     # ------------------------------------------------------------------ setup
     @override
     def setup(self, trainer: pl.Trainer) -> None:
         assert self.accelerator is not None and self.model is not None
         self.accelerator.setup(trainer)
-        self.model_to_device()
         self._release_engines()
+        precision = self.precision_plugin
+        precision.device_type = self.root_device.type
+        self.model = precision.convert_module(self.model)
+        self.model_to_device()
         if trainer.state.fn == TrainerFn.FITTING:
             self.setup_optimizers(trainer)
             self._shard_optimizers()
@@ -127,7 +134,7 @@ class ZeroStrategy(DDPStrategy):
         assert self.lightning_module is not None
         precision = self.precision_plugin
         for optimizer in self.optimizers:
-            engine = ZeroEngine(self.lightning_module, optimizer, self.config)
+            engine = ZeroEngine(self.lightning_module, optimizer, self.config, dtypes=precision.policy.slots())
             precision.bind(optimizer, engine)
             self.engines.append(engine)
 
@@ -176,12 +183,29 @@ class ZeroStrategy(DDPStrategy):
 
     # ------------------------------------------------------------------ teardown and names
     @override
+    def lightning_module_state_dict(self) -> dict[str, Any]:
+        """The module's state with whole master-precision weights (fp32 under ``*-mixed``); a collective
+        while engines hold the masters, so every rank calls it (Lightning's checkpointing does)."""
+        assert self.lightning_module is not None
+        state = self.lightning_module.state_dict()
+        for engine in self.engines:
+            if any(b.trainable and b.dtypes.separate_master for b in engine.layout.buckets):
+                state.update(engine.full_params())
+        return state
+
+    @override
     def teardown(self) -> None:
         # Unhook the model but keep the engines: trainer.save_checkpoint() after fit still gathers their
-        # optimizer state. The next setup releases them.
+        # optimizer state. The next setup releases them. Collectives only after a clean finish, so a
+        # rank that failed does not wait here for ranks that are gone.
+        module = self.lightning_module
+        finished = module is not None and module._trainer is not None and (
+            module._trainer.state.status == TrainerStatus.FINISHED)
         for engine in self.engines:
+            if finished:
+                engine.write_master_weights_to_module()
             engine.close()
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
+        if finished and torch.distributed.is_available() and torch.distributed.is_initialized():
             # The last collective's handle stays with Python (see [Note: keep finished work handles]).
             settle([torch.distributed.barrier(async_op=True)])
         super().teardown()

@@ -51,18 +51,30 @@ def test_bad_settings_fail_at_construction(kwargs: dict[str, Any], message: str)
         ZeroStrategy(**kwargs)
 
 
-@pytest.mark.parametrize("precision", ["bf16-mixed", "16-mixed", "bf16-true", "64-true"])
-def test_unsupported_precision_fails_when_the_trainer_is_built(precision: str) -> None:
-    with pytest.raises(ValueError, match="precision='32-true'"):
-        pl.Trainer(strategy="zero2", accelerator="cpu", devices=2, precision=precision)
+@pytest.mark.parametrize(("precision", "storage", "master"), [
+    ("32-true", torch.float32, torch.float32),
+    ("bf16-mixed", torch.bfloat16, torch.float32),
+    ("bf16-true", torch.bfloat16, torch.bfloat16),
+    ("16-true", torch.float16, torch.float16),
+])
+def test_trainer_precision_is_paired_with_zero_precision(precision: str, storage, master) -> None:
+    fit = pl.Trainer(strategy="zero2", accelerator="cpu", devices=2, precision=precision, logger=False)
+    plugin = fit.strategy.precision_plugin
+    assert isinstance(plugin, ZeroPrecision) and plugin.precision == precision
+    assert (plugin.policy.storage, plugin.policy.master) == (storage, master)
+
+
+def test_unsupported_precision_fails_when_the_trainer_is_built() -> None:
+    with pytest.raises(ValueError, match="cannot run DoublePrecision"):
+        pl.Trainer(strategy="zero2", accelerator="cpu", devices=2, precision="64-true")
 
 
 def test_explicit_zero_precision_is_kept() -> None:
     plugin = ZeroPrecision("32-true")
     fit = pl.Trainer(strategy=ZeroStrategy(stage=1), accelerator="cpu", devices=2, plugins=[plugin])
     assert fit.strategy.precision_plugin is plugin
-    with pytest.raises(ValueError, match="supports precision"):
-        ZeroPrecision("bf16-mixed")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="not supported by ZeRO"):
+        ZeroPrecision("64-true")  # type: ignore[arg-type]
 
 
 class LitLoops(LitTiny):

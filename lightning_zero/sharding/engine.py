@@ -82,15 +82,8 @@ class ZeroEngine:
         self._check_ranks_agree()
         self.params: list[torch.nn.Parameter] = [param for _, param in named]
         self.flat_params: dict[int, torch.Tensor] = {}  # bucket index -> 1D padded storage buffer
-        self._flatten()
-        self._broadcast_initial_state()
         self.masters: dict[int, torch.Tensor] = {}  # bucket index -> 1D master slice (shard_numel)
-        for bucket in self.layout.buckets:
-            if bucket.trainable:
-                lo, hi = bucket.shard_range(self.rank)
-                owned = self.flat_params[bucket.index].narrow(0, lo, hi - lo)
-                self.masters[bucket.index] = owned.to(bucket.dtypes.master, copy=True) if (
-                    bucket.dtypes.separate_master) else owned
+        self._flatten_from_first_rank()
         self.reducer = GradientReducer(
             self.layout, self.params, self.rank, process_group, self.config.stage, self.reduce_policy
         )
@@ -126,39 +119,57 @@ class ZeroEngine:
                         )
         raise ValueError("ranks build different models or optimizer groups; build the same on every rank")
 
-    def _flatten(self) -> None:
-        """Move each trainable bucket's parameters into one flat buffer; parameters become views of it."""
+    def _flatten_from_first_rank(self) -> None:
+        """Start every rank from rank 0's values, with each trainable bucket's parameters moved into one
+        flat storage buffer (parameters become views of it) and this rank's master slice taken from the
+        original-precision values, before any cast to the storage dtype."""
         for bucket in self.layout.buckets:
             if not bucket.trainable:
                 continue
             members = [self.params[i] for i in bucket.params]
-            flat = torch.zeros(bucket.padded_numel, dtype=bucket.dtypes.storage, device=members[0].device)
+            original = torch.zeros(bucket.padded_numel, dtype=members[0].dtype, device=members[0].device)
             for index, param in zip(bucket.params, members):
                 record = self.layout.params[index]
-                view = flat.narrow(0, record.offset, record.numel)
-                view.copy_(param.detach().reshape(-1))
-                param.data = view.view(record.shape)
+                original.narrow(0, record.offset, record.numel).copy_(param.detach().reshape(-1))
+            broadcast_from_first([original], self.group)
+            slots = bucket.dtypes
+            flat = original if slots.storage == original.dtype else original.to(slots.storage)
+            for index, param in zip(bucket.params, members):
+                record = self.layout.params[index]
+                param.data = flat.narrow(0, record.offset, record.numel).view(record.shape)
+            lo, hi = bucket.shard_range(self.rank)
+            if slots.separate_master:
+                self.masters[bucket.index] = original.narrow(0, lo, hi - lo).to(slots.master, copy=True)
+            else:
+                self.masters[bucket.index] = flat.narrow(0, lo, hi - lo)
             self.flat_params[bucket.index] = flat
-
-    def _broadcast_initial_state(self) -> None:
-        """Every rank starts from rank 0's parameters and buffers."""
-        tensors = list(self.flat_params.values())
-        for bucket in self.layout.buckets:
-            if not bucket.trainable:
-                tensors.extend(self.params[i].data for i in bucket.params)
-        tensors.extend(buffer for _, buffer in self.module.named_buffers())
-        broadcast_from_first(tensors, self.group)
+        others = [self.params[i].data for b in self.layout.buckets if not b.trainable for i in b.params]
+        broadcast_from_first(others + [buffer for _, buffer in self.module.named_buffers()], self.group)
 
     # ------------------------------------------------------------------ training
     def no_sync(self) -> contextlib.AbstractContextManager[None]:
         """Backwards inside accumulate locally (no collective) under the "boundary" policy."""
         return self.reducer.no_sync()
 
-    def reduce_gradients(self) -> None:
-        """Finish this window's reductions and average the gradient shards (idempotent until the step)."""
+    def reduce_gradients(self, loss_scale: float = 1.0) -> None:
+        """Finish this window's reductions and turn the shards into true averaged gradients, dividing by
+        ``world_size * loss_scale`` once (idempotent until the step)."""
         if self._had_grad is None:
             self._check_trainability_unchanged()
-            self._had_grad = self.reducer.finish(divide_by=self.world_size)
+            self._had_grad = self.reducer.finish(divide_by=self.world_size * loss_scale)
+
+    def found_nonfinite_gradient(self) -> bool:
+        """Whether any rank's gradient shard holds an inf or NaN (a collective; same answer everywhere)."""
+        shards = self.grad_shards()
+        device = shards[0].device if shards else torch.device("cpu")
+        local = torch.tensor([float(any(not torch.isfinite(s).all() for s in shards))], device=device)
+        all_reduce(local, dist.ReduceOp.MAX, self.group)
+        return bool(local.item())
+
+    def skip_step(self) -> None:
+        """Drop this window's gradients without touching weights or optimizer state."""
+        self.reduce_gradients()
+        self.zero_grad()
 
     def _check_trainability_unchanged(self) -> None:
         for record in self.layout.params:
@@ -242,6 +253,10 @@ class ZeroEngine:
     def full_state_dict(self) -> dict[str, Any]:
         """Whole parameters (fp32 masters where they exist) and optimizer state keyed by FQN, on CPU, on
         every rank. Loadable on any world size. A collective: call it on every rank."""
+        return {"params": self.full_params(), "optimizer": self.optimizer.full_state_dict(self.group)}
+
+    def full_params(self) -> dict[str, torch.Tensor]:
+        """Whole parameters keyed by FQN (and alias), on CPU; masters where they exist. A collective."""
         params: dict[str, torch.Tensor] = {}
         for bucket in self.layout.buckets:
             source: torch.Tensor | None = None
@@ -258,7 +273,7 @@ class ZeroEngine:
                 value = value.to("cpu", copy=True)
                 for name in (record.fqn, *record.aliases):
                     params[name] = value
-        return {"params": params, "optimizer": self.optimizer.full_state_dict(self.group)}
+        return params
 
     def load_full_state_dict(self, state: Mapping[str, Any]) -> None:
         """Restore from a ``full_state_dict()`` saved on any world size; each rank keeps its slices."""
@@ -285,6 +300,22 @@ class ZeroEngine:
                             flat.narrow(0, piece.start, piece.numel))
         if "optimizer" in state:
             self.optimizer.load_full_state_dict(state["optimizer"])
+
+    def write_master_weights_to_module(self) -> None:
+        """Give the module whole parameters in the master dtype (fp32 after mixed-precision training).
+
+        A collective. The module's parameters stop being views of the storage buffers, so call it when
+        training with this engine is over.
+        """
+        for bucket in self.layout.buckets:
+            if not (bucket.trainable and bucket.dtypes.separate_master):
+                continue
+            master = self.masters[bucket.index]
+            full = torch.empty(bucket.padded_numel, dtype=master.dtype, device=master.device)
+            settle([all_gather_flat(full, master, self.group)])
+            for index in bucket.params:
+                record = self.layout.params[index]
+                self.params[index].data = full.narrow(0, record.offset, record.numel).view(record.shape)
 
     def close(self) -> None:
         """Remove every hook this engine installed; the module keeps its (flat-buffer) parameters."""

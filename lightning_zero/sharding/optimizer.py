@@ -134,6 +134,9 @@ class ShardedOptimizer:
             self.optimizer.step()
         finally:
             self._stepping = False
+            for entries in self.entries.values():
+                for _, master, _ in entries:
+                    master.grad = None  # frees fp32 copies made when the gradient shard is 16-bit
 
     # ------------------------------------------------------------------ full state
     def full_state_dict(self, group: torch.distributed.ProcessGroup | None) -> dict[str, Any]:
