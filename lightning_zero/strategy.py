@@ -200,7 +200,7 @@ class ZeroStrategy(DDPStrategy):
         # rank that failed does not wait here for ranks that are gone.
         module = self.lightning_module
         finished = module is not None and module._trainer is not None and (
-            module._trainer.state.status == TrainerStatus.FINISHED)
+            module._trainer.state.status != TrainerStatus.INTERRUPTED)
         for engine in self.engines:
             if finished:
                 engine.write_master_weights_to_module()

@@ -191,11 +191,13 @@ def checkpoint_and_resume(tmp: str) -> float:
         ("zero", ZeroStrategy(stage=2, bucket_numel=150), ZeroStrategy(stage=1, bucket_numel=150)),
     ):
         path = os.path.join(tmp, f"{name}.ckpt")
-        start = trainer(first, enable_checkpointing=True, default_root_dir=tmp, max_steps=4)
+        start = trainer(first, enable_checkpointing=True, default_root_dir=tmp, max_steps=4, max_epochs=3)
         start.fit(LitTiny("adamw", schedule=True), loader(8, 1))
         start.save_checkpoint(path)
         resumed = LitTiny("adamw", schedule=True)
-        trainer(second, max_steps=8).fit(resumed, loader(8, 1), ckpt_path=path)
+        again = trainer(second, max_steps=10, max_epochs=3)
+        again.fit(resumed, loader(8, 1), ckpt_path=path)
+        assert again.global_step == 10 and resumed.counts["optimizer_step"] == 6, (again.global_step, resumed.counts)
         finals[name] = resumed.net
     return max(relative_errors(finals["zero"], finals["ddp"]).values())
 
