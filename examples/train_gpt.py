@@ -67,6 +67,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--strategy", default="zero2")
     parser.add_argument("--devices", type=int, default=2)
+    parser.add_argument("--precision", default="32-true", help="32-true, bf16-mixed, 16-mixed, bf16-true")
     parser.add_argument("--max-steps", type=int, default=30)
     parser.add_argument("--accumulate", type=int, default=2)
     parser.add_argument("--batch-size", type=int, default=8)
@@ -79,6 +80,7 @@ def main() -> None:
         module = LitGPT()
         trainer = pl.Trainer(
             strategy=args.strategy, accelerator="cpu", devices=args.devices, max_steps=args.max_steps,
+            precision=args.precision,
             accumulate_grad_batches=args.accumulate, logger=False, enable_checkpointing=False,
             enable_progress_bar=False, enable_model_summary=False, callbacks=[PrintLoss(10), MemoryReport()],
             use_distributed_sampler=False,
@@ -90,7 +92,8 @@ def main() -> None:
 
 
 class MemoryReport(pl.Callback):
-    """At the end of fit, each rank's model-state bytes against ddp's 4Ψ + 4Ψ + 8Ψ for fp32 AdamW."""
+    """At the end of fit, each rank's model-state bytes against ddp's 4Ψ + 4Ψ + 8Ψ for fp32 AdamW
+    (Lightning's bf16-mixed under ddp keeps fp32 weights and gradients, so the same 16Ψ)."""
 
     def on_train_end(self, trainer: pl.Trainer, module: pl.LightningModule) -> None:
         psi = sum(p.numel() for p in module.parameters())
@@ -99,8 +102,8 @@ class MemoryReport(pl.Callback):
         if engines:
             held = model_state_bytes(engines[0])
             line = (f"rank {trainer.global_rank}: {held.total / 2**20:.2f} MiB of model state (params "
-                    f"{held.parameters / 2**20:.2f}, grads {held.gradients / 2**20:.2f}, optimizer "
-                    f"{held.optimizer_state / 2**20:.2f}) vs ddp {ddp_bytes / 2**20:.2f} MiB "
+                    f"{held.parameters / 2**20:.2f}, grads {held.gradients / 2**20:.2f}, master "
+                    f"{held.master / 2**20:.2f}, optimizer {held.optimizer_state / 2**20:.2f}) vs ddp {ddp_bytes / 2**20:.2f} MiB "
                     f"({held.total / ddp_bytes:.2f}x)")
         else:
             line = f"rank {trainer.global_rank}: ddp holds {ddp_bytes / 2**20:.2f} MiB of model state"
