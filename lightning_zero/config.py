@@ -12,14 +12,14 @@ __all__ = ["PrecisionName", "PrecisionPolicy", "ReducePolicyName", "ZeroConfig",
 
 ReducePolicyName = Literal["auto", "boundary", "every_micro_batch"]
 _POLICIES = ("auto", "boundary", "every_micro_batch")
-_STAGES = (1, 2)
+_STAGES = (1, 2, 3)
 
 
 @dataclass(frozen=True)
 class ZeroConfig:
     """How ZeRO shards one model.
 
-    ``stage``: 1 shards optimizer state (and fp32 masters), 2 also gradients.
+    ``stage``: 1 shards optimizer state (and fp32 masters), 2 also gradients, 3 also parameters.
     ``bucket_numel``: elements per gradient bucket (default 2**23, 32 MiB in fp32); smaller buckets start
     reductions earlier in backward, larger ones make fewer collectives.
     ``reduce_policy``: when gradients are reduced under accumulation; see ``resolve_reduce_policy``.
@@ -34,7 +34,8 @@ class ZeroConfig:
     def __post_init__(self) -> None:
         if self.stage not in _STAGES:
             raise ValueError(
-                f"ZeRO stage must be one of {_STAGES}, got {self.stage!r}; stage 3 is not available yet"
+                f"ZeRO stage must be one of {_STAGES} (1: optimizer state, 2: + gradients, 3: + parameters), "
+                f"got {self.stage!r}"
             )
         if not isinstance(self.bucket_numel, int) or self.bucket_numel <= 0:
             raise ValueError(f"bucket_numel must be a positive integer, got {self.bucket_numel!r}")
@@ -51,7 +52,7 @@ def resolve_reduce_policy(stage: int, policy: ReducePolicyName) -> Literal["boun
     loopback, where communication is nearly free.
     """
     if policy == "auto":
-        return "boundary" if stage == 1 else "every_micro_batch"
+        return "boundary" if stage == 1 else "every_micro_batch"  # stage 3 as stage 2
     if policy not in _POLICIES:
         raise ValueError(f"reduce_policy must be one of {_POLICIES}, got {policy!r}")
     return policy

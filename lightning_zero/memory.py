@@ -43,7 +43,7 @@ def _storage_bytes(tensors: Iterable[torch.Tensor], seen: set[int]) -> int:
 def model_state_bytes(engine: ZeroEngine) -> ModelStateBytes:
     """What this rank holds right now for ``engine``'s model (no collective)."""
     seen: set[int] = set()
-    parameters = _storage_bytes(engine.module.parameters(), seen)
+    parameters = _storage_bytes([*engine.module.parameters(), *engine.param_shards.values()], seen)
     master = _storage_bytes(engine.masters.values(), seen)
     grads = [state.shard for state in engine.reducer.buckets]
     grads += [state.full for state in engine.reducer.buckets if state.full is not None]

@@ -203,7 +203,7 @@ class ZeroStrategy(DDPStrategy):
             module._trainer.state.status != TrainerStatus.INTERRUPTED)
         for engine in self.engines:
             if finished:
-                engine.write_master_weights_to_module()
+                engine.materialize_module()
             engine.close()
         if finished and torch.distributed.is_available() and torch.distributed.is_initialized():
             # The last collective's handle stays with Python (see [Note: keep finished work handles]).

@@ -1,4 +1,4 @@
-"""ZeroEngine: ZeRO stages 1 and 2 for one module and its optimizer on plain ``torch.distributed``.
+"""ZeroEngine: ZeRO stages 1, 2 and 3 for one module and its optimizer on plain ``torch.distributed``.
 
 It owns the setup (plan the layout, check ranks agree, flatten parameters into bucket buffers, broadcast
 rank 0's values) and the order of one optimizer step: finish reductions, step the slices, all-gather.
@@ -24,14 +24,15 @@ from lightning_zero.sharding.collectives import (
     settle,
 )
 from lightning_zero.sharding.gradients import GradientReducer
-from lightning_zero.sharding.layout import BySize, DtypeSlots, Layout, plan_layout
+from lightning_zero.sharding.layout import Bucket, ByModule, BySize, DtypeSlots, Layout, plan_layout
+from lightning_zero.sharding.parameters import ParameterSharder, module_units
 from lightning_zero.sharding.optimizer import ShardedOptimizer
 
 __all__ = ["ZeroEngine"]
 
 
 class ZeroEngine:
-    """Shards ``optimizer``'s state (stage 1) and ``module``'s gradients (stage 2) across the group.
+    """Shards ``optimizer``'s state (stage 1), ``module``'s gradients (stage 2) and parameters (stage 3).
 
     Use it as plain data parallel: backward as usual (inside ``no_sync()`` for micro-batches that should
     not reduce), then ``step()`` and ``zero_grad()``. Every rank must build the same model and optimizer.
@@ -76,16 +77,22 @@ class ZeroEngine:
         if not any(param.requires_grad and param in group_of for _, param in named):
             raise ValueError("the optimizer holds no trainable parameter of the module: nothing to shard")
 
-        self.layout: Layout = plan_layout(
-            named, self.world_size, BySize(self.config.bucket_numel), group_of, dtypes, aliases
-        )
+        self.units = module_units(module) if self.config.stage == 3 else ()
+        grouping = ByModule(self.units) if self.config.stage == 3 else BySize(self.config.bucket_numel)
+        self.layout: Layout = plan_layout(named, self.world_size, grouping, group_of, dtypes, aliases)
         self._check_ranks_agree()
         self.params: list[torch.nn.Parameter] = [param for _, param in named]
         self.flat_params: dict[int, torch.Tensor] = {}  # bucket index -> 1D padded storage buffer
         self.masters: dict[int, torch.Tensor] = {}  # bucket index -> 1D master slice (shard_numel)
+        self.param_shards: dict[int, torch.Tensor] = {}  # stage 3: bucket -> this rank's 1D storage slice
         self._flatten_from_first_rank()
+        self.sharder: ParameterSharder | None = None
+        if self.config.stage == 3:
+            self.sharder = ParameterSharder(module, self.units, self.layout, self.params, self.flat_params,
+                                            self.param_shards, self.rank, process_group)
         self.reducer = GradientReducer(
-            self.layout, self.params, self.rank, process_group, self.config.stage, self.reduce_policy
+            self.layout, self.params, self.rank, process_group, self.config.stage, self.reduce_policy,
+            on_launch=self.sharder.release_one if self.sharder is not None else None,
         )
         self.optimizer = ShardedOptimizer(
             optimizer,
@@ -119,12 +126,16 @@ class ZeroEngine:
                         )
         raise ValueError("ranks build different models or optimizer groups; build the same on every rank")
 
+    def _is_flat(self, bucket: Bucket) -> bool:
+        """Trainable buckets are flattened in every stage; stage 3 shards frozen ones too."""
+        return bucket.trainable or self.config.stage == 3
+
     def _flatten_from_first_rank(self) -> None:
-        """Start every rank from rank 0's values, with each trainable bucket's parameters moved into one
+        """Start every rank from rank 0's values, with each flattened bucket's parameters moved into one
         flat storage buffer (parameters become views of it) and this rank's master slice taken from the
         original-precision values, before any cast to the storage dtype."""
         for bucket in self.layout.buckets:
-            if not bucket.trainable:
+            if not self._is_flat(bucket):
                 continue
             members = [self.params[i] for i in bucket.params]
             original = torch.zeros(bucket.padded_numel, dtype=members[0].dtype, device=members[0].device)
@@ -138,12 +149,15 @@ class ZeroEngine:
                 record = self.layout.params[index]
                 param.data = flat.narrow(0, record.offset, record.numel).view(record.shape)
             lo, hi = bucket.shard_range(self.rank)
-            if slots.separate_master:
-                self.masters[bucket.index] = original.narrow(0, lo, hi - lo).to(slots.master, copy=True)
-            else:
-                self.masters[bucket.index] = flat.narrow(0, lo, hi - lo)
+            owned = flat.narrow(0, lo, hi - lo)
+            if self.config.stage == 3:
+                owned = self.param_shards[bucket.index] = owned.clone()
+            if bucket.trainable:
+                self.masters[bucket.index] = (
+                    original.narrow(0, lo, hi - lo).to(slots.master, copy=True) if slots.separate_master else owned
+                )
             self.flat_params[bucket.index] = flat
-        others = [self.params[i].data for b in self.layout.buckets if not b.trainable for i in b.params]
+        others = [self.params[i].data for b in self.layout.buckets if not self._is_flat(b) for i in b.params]
         broadcast_from_first(others + [buffer for _, buffer in self.module.named_buffers()], self.group)
 
     # ------------------------------------------------------------------ training
@@ -232,17 +246,32 @@ class ZeroEngine:
         return loss
 
     def _gather_params(self) -> None:
+        """Stages 1-2: all-gather the updated slices. Stage 3: the slice is the parameter until the next
+        forward gathers it."""
         works = []
         for bucket in self.layout.buckets:
             if not bucket.trainable:
                 continue
             flat = self.flat_params[bucket.index]
             lo, hi = bucket.shard_range(self.rank)
-            owned = flat.narrow(0, lo, hi - lo)
+            owned = self.param_shards.get(bucket.index)
+            if owned is None:
+                owned = flat.narrow(0, lo, hi - lo)
             if bucket.dtypes.separate_master:
                 owned.copy_(self.masters[bucket.index])
-            works.append(all_gather_flat(flat, owned, self.group))
+            if self.config.stage < 3:
+                works.append(all_gather_flat(flat, owned, self.group))
         settle(works)
+
+    def gather_all(self) -> None:
+        """Stage 3: keep the whole model gathered (a no-grad loop); no-op otherwise. A collective."""
+        if self.sharder is not None:
+            self.sharder.gather_all()
+
+    def release_all(self) -> None:
+        """Stage 3: back to slices after ``gather_all``."""
+        if self.sharder is not None:
+            self.sharder.release_all()
 
     def zero_grad(self) -> None:
         """Clear gradients and start a new accumulation window (also done at the end of ``step``)."""
@@ -255,15 +284,22 @@ class ZeroEngine:
         every rank. Loadable on any world size. A collective: call it on every rank."""
         return {"params": self.full_params(), "optimizer": self.optimizer.full_state_dict(self.group)}
 
+    def _authoritative_shard(self, bucket: Bucket) -> torch.Tensor | None:
+        """The slice that holds ``bucket``'s true values when the full parameters do not (a separate
+        master, or stage 3's parameter slice); None when the module's parameters are whole and exact."""
+        if bucket.trainable and bucket.dtypes.separate_master:
+            return self.masters[bucket.index]
+        return self.param_shards.get(bucket.index)
+
     def full_params(self) -> dict[str, torch.Tensor]:
         """Whole parameters keyed by FQN (and alias), on CPU; masters where they exist. A collective."""
         params: dict[str, torch.Tensor] = {}
         for bucket in self.layout.buckets:
             source: torch.Tensor | None = None
-            if bucket.trainable and bucket.dtypes.separate_master:
-                source = torch.empty(bucket.padded_numel, dtype=bucket.dtypes.master,
-                                     device=self.masters[bucket.index].device)
-                settle([all_gather_flat(source, self.masters[bucket.index], self.group)])
+            shard = self._authoritative_shard(bucket)
+            if shard is not None:
+                source = torch.empty(bucket.padded_numel, dtype=shard.dtype, device=shard.device)
+                settle([all_gather_flat(source, shard, self.group)])
             for index in bucket.params:
                 record = self.layout.params[index]
                 if source is not None:
@@ -290,23 +326,32 @@ class ZeroEngine:
                     raise ValueError(
                         f"{record.fqn}: saved shape {tuple(value.shape)} != model shape {tuple(record.shape)}"
                     )
-                self.params[record.index].copy_(value)
+                if record.index not in self._sharded_params:
+                    self.params[record.index].copy_(value)
             for bucket in self.layout.buckets:
-                if bucket.trainable and bucket.dtypes.separate_master:
-                    master = self.masters[bucket.index]
-                    for piece in self.layout.shard_slices(bucket, self.rank):
-                        flat = saved[self.layout.params[piece.param].fqn].reshape(-1)
-                        master.narrow(0, piece.shard_offset, piece.numel).copy_(
+                targets = [t for t in (self.param_shards.get(bucket.index), self.masters.get(bucket.index))
+                           if t is not None]
+                for piece in self.layout.shard_slices(bucket, self.rank):
+                    flat = saved[self.layout.params[piece.param].fqn].reshape(-1)
+                    for target in targets:
+                        target.narrow(0, piece.shard_offset, piece.numel).copy_(
                             flat.narrow(0, piece.start, piece.numel))
         if "optimizer" in state:
             self.optimizer.load_full_state_dict(state["optimizer"])
 
-    def write_master_weights_to_module(self) -> None:
-        """Give the module whole parameters in the master dtype (fp32 after mixed-precision training).
+    @property
+    def _sharded_params(self) -> set[int]:
+        """Parameters whose module tensor is not whole between uses (stage 3)."""
+        return {i for b in self.layout.buckets if b.index in self.param_shards for i in b.params}
 
-        A collective. The module's parameters stop being views of the storage buffers, so call it when
-        training with this engine is over.
+    def materialize_module(self) -> None:
+        """Give the module whole parameters, in the master dtype (fp32 after mixed-precision training).
+
+        A collective. Stage 3 stops sharding the module. Call it when training with this engine is over.
         """
+        if self.sharder is not None:
+            self.sharder.remove_hooks()
+            self.sharder.gather_all()
         for bucket in self.layout.buckets:
             if not (bucket.trainable and bucket.dtypes.separate_master):
                 continue
@@ -321,3 +366,5 @@ class ZeroEngine:
         """Remove every hook this engine installed; the module keeps its (flat-buffer) parameters."""
         self.reducer.remove_hooks()
         self.optimizer.remove_hooks()
+        if self.sharder is not None:
+            self.sharder.remove_hooks()

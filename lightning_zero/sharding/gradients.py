@@ -5,15 +5,15 @@ post-accumulate-grad hooks as buckets fill, summed into each rank's gradient sha
 A window runs from one optimizer step to the next. Inside it, backward passes either reduce (the policy
 says so, or sync is on) or accumulate locally. Shards hold the SUM over ranks and reducing backwards;
 ``finish`` divides once, at the step, which keeps several reducing backwards in one window exact.
-Stage 1 keeps a full flat gradient buffer per bucket (``param.grad`` are views into it); stage 2 frees
-full gradients as soon as their bucket is handed to the reduce-scatter.
+Stage 1 keeps a full flat gradient buffer per bucket (``param.grad`` are views into it); stages 2 and 3
+free full gradients as soon as their bucket is handed to the reduce-scatter.
 """
 
 from __future__ import annotations
 
 import contextlib
 from collections import deque
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Literal, NamedTuple
 
@@ -63,6 +63,7 @@ class GradientReducer:
         group: ProcessGroup | None,
         stage: int,
         policy: ReducePolicy,
+        on_launch: Callable[[int], None] | None = None,
     ) -> None:
         self.layout = layout
         self.rank = rank
@@ -78,7 +79,11 @@ class GradientReducer:
         self._next_launch = 0
         self._pending: deque[_Pending] = deque()
         self._handles: list[RemovableHandle] = []
-        for bucket in layout.buckets:
+        self._on_launch = on_launch
+        # Launch order must be the same on every rank: stage 3's buckets follow forward order, so
+        # backward fills them last to first.
+        order = list(layout.buckets) if stage < 3 else list(reversed(layout.buckets))
+        for bucket in order:
             if not bucket.trainable:
                 continue
             members = [params[i] for i in bucket.params]
@@ -178,6 +183,8 @@ class GradientReducer:
             output = torch.empty(bucket.shard_numel, dtype=slots.reduce, device=source.device)
         state.launched = True
         self._next_launch += 1
+        if self._on_launch is not None:
+            self._on_launch(bucket.index)
         self._pending.append(_Pending(reduce_scatter_sum(output, source, self.group), state, output, source))
         while len(self._pending) > _MAX_IN_FLIGHT:
             self._complete(self._pending.popleft())

@@ -1,0 +1,180 @@
+"""Stage 3: parameters live as this rank's slice between uses and are all-gathered just in time.
+
+[Note: stable full buffers]
+Every bucket keeps one full flat buffer for its whole life. Releasing a bucket shrinks the buffer's
+storage to zero bytes (``untyped_storage().resize_(0)``) and gathering grows it back and all-gathers into
+it, so views of it that autograd saved for backward see valid values again once the bucket is gathered
+before that backward. The parameters themselves point at the buffer only while gathered; released, each
+is an empty tensor (``numel() == 0``), so touching one outside a forward, a backward or
+``gathered_parameters`` gives an empty tensor or a shape error, never stale memory.
+
+Each gather unit (see ``module_units``) gathers the buckets of every parameter in its subtree (tied ones
+included) in a forward pre-hook and releases them after its forward; a hook on its outputs gathers them
+again before its backward. A bucket is released in backward once its gradients are handed to the
+reduce-scatter, and everything still gathered is released when backward ends. The root gathers only the
+parameters no unit holds.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+
+import torch
+from torch.distributed import ProcessGroup
+from torch.utils.hooks import RemovableHandle
+
+from lightning_zero.sharding.collectives import all_gather_flat, settle
+from lightning_zero.sharding.layout import Layout
+
+__all__ = ["ParameterSharder", "module_units"]
+
+
+_CONTAINERS = (torch.nn.ModuleList, torch.nn.ModuleDict, torch.nn.Sequential)
+
+
+def module_units(module: torch.nn.Module, prefix: str = "") -> tuple[str, ...]:
+    """Stage 3's default gather units: the root's children, with containers (``ModuleList``,
+    ``ModuleDict``, ``Sequential``) opened up, so each transformer block is one unit. A unit gathers its
+    whole subtree, which covers modules that use a child's weights without calling it (``MultiheadAttention``
+    reads ``out_proj.weight`` directly)."""
+    units: list[str] = []
+    for name, child in module.named_children():
+        fqn = f"{prefix}{name}"
+        if isinstance(child, _CONTAINERS):
+            units.extend(module_units(child, prefix=f"{fqn}."))
+        elif any(True for _ in child.parameters()):
+            units.append(fqn)
+    return tuple(units)
+
+
+class ParameterSharder:
+    """Gathers and releases stage 3's buckets around each module's forward and backward."""
+
+    def __init__(
+        self,
+        module: torch.nn.Module,
+        units: Sequence[str],
+        layout: Layout,
+        params: Sequence[torch.nn.Parameter],
+        flat_params: dict[int, torch.Tensor],
+        shards: dict[int, torch.Tensor],
+        rank: int,
+        group: ProcessGroup | None,
+    ) -> None:
+        self.layout = layout
+        self.rank = rank
+        self.group = group
+        self.flat_params = flat_params  # bucket -> full 1D buffer (storage resized to 0 when released)
+        self.params = params
+        self._empty = {index: flat.new_empty(0) for index, flat in flat_params.items()}
+        self.shards = shards  # bucket -> this rank's 1D slice, the persistent copy
+        self.gathered: set[int] = set()
+        self.gather_count = 0
+        self.hold_all = False  # inside a no-grad loop: everything stays gathered
+        self._callback_queued = False
+        self._handles: list[RemovableHandle] = []
+        bucket_of = {id(params[r.index]): r.bucket for r in layout.params}
+        covered: set[int] = set()
+        for unit in units:
+            sub = module.get_submodule(unit)
+            members = [p for _, p in sub.named_parameters(remove_duplicate=False)]
+            covered.update(id(p) for p in members)
+            self._hook(sub, sorted({bucket_of[id(p)] for p in members}))
+        rest = {bucket_of[id(p)] for p in module.parameters() if id(p) not in covered}
+        if rest:
+            self._hook(module, sorted(rest))
+        for bucket in flat_params:
+            self.release([bucket])
+
+    def _hook(self, module: torch.nn.Module, needed: list[int]) -> None:
+        self._handles.append(module.register_forward_pre_hook(self._pre_forward(needed)))
+        self._handles.append(module.register_forward_hook(self._post_forward(needed)))
+
+    # ------------------------------------------------------------------ gather / release
+    def gather(self, buckets: Iterable[int]) -> None:
+        """Make ``buckets`` whole on this rank (a collective over the missing ones)."""
+        works = []
+        for index in buckets:
+            if index in self.gathered:
+                continue
+            flat = self.flat_params[index]
+            storage = flat.untyped_storage()
+            storage.resize_(flat.numel() * flat.element_size())
+            works.append(all_gather_flat(flat, self.shards[index], self.group))
+            for param_index in self.layout.buckets[index].params:
+                record = self.layout.params[param_index]
+                self.params[param_index].data = flat.narrow(0, record.offset, record.numel).view(record.shape)
+            self.gathered.add(index)
+            self.gather_count += 1
+        settle(works)
+
+    def release(self, buckets: Iterable[int]) -> None:
+        """Drop the full copies of ``buckets``; only this rank's slices stay."""
+        if self.hold_all:
+            return
+        for index in buckets:
+            for param_index in self.layout.buckets[index].params:
+                self.params[param_index].data = self._empty[index]
+            self.flat_params[index].untyped_storage().resize_(0)
+            self.gathered.discard(index)
+
+    def release_one(self, bucket: int) -> None:
+        """Release one bucket (its gradients have just been handed to the reduce-scatter)."""
+        self.release([bucket])
+
+    def gather_all(self) -> None:
+        """Whole model on every rank until ``release_all`` (no-grad loops: one gather for the loop, so
+        ranks that run different numbers of forward calls never wait on each other)."""
+        self.gather(self.flat_params)
+        self.hold_all = True
+
+    def release_all(self) -> None:
+        """Back to slices only."""
+        self.hold_all = False
+        self.release(list(self.gathered))
+
+    # ------------------------------------------------------------------ hooks
+    def _pre_forward(self, needed: list[int]):  # noqa: ANN202 - closures for nn.Module hooks
+        def hook(module: torch.nn.Module, args: object) -> None:
+            self.gather(needed)
+
+        return hook
+
+    def _post_forward(self, needed: list[int]):  # noqa: ANN202
+        def hook(module: torch.nn.Module, args: object, output: object) -> None:
+            if torch.is_grad_enabled():
+                for tensor in _tensors(output):
+                    if tensor.requires_grad:
+                        tensor.register_hook(self._pre_backward(needed))
+            self.release(needed)
+
+        return hook
+
+    def _pre_backward(self, needed: list[int]):  # noqa: ANN202
+        def hook(grad: torch.Tensor) -> None:
+            if not self._callback_queued:
+                self._callback_queued = True
+                torch.autograd.Variable._execution_engine.queue_callback(self._end_of_backward)
+            self.gather(needed)
+
+        return hook
+
+    def _end_of_backward(self) -> None:
+        self._callback_queued = False
+        self.release(list(self.gathered))
+
+    def remove_hooks(self) -> None:
+        """Stop gathering on forward (the module is whole again, or being torn down)."""
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+
+
+def _tensors(output: object) -> list[torch.Tensor]:
+    if isinstance(output, torch.Tensor):
+        return [output]
+    if isinstance(output, (list, tuple)):
+        return [t for item in output for t in _tensors(item)]
+    if isinstance(output, dict):
+        return [t for item in output.values() for t in _tensors(item)]
+    return []
