@@ -31,7 +31,8 @@ _GENERIC_PLUGINS = ("Precision", "MixedPrecision", "HalfPrecision")
 
 
 class ZeroStrategy(DDPStrategy):
-    """ZeRO data parallel training: stage 1 shards optimizer state, stage 2 also gradients.
+    """ZeRO data parallel training: stage 1 shards optimizer state, stage 2 also gradients, stage 3 also
+    parameters (gathered just in time around each unit's forward and backward).
 
     Launching, cluster environments, ``num_nodes`` and the process group come from Lightning's DDP
     machinery (subprocess, spawn and fork launchers; torchrun and SLURM); the model is not wrapped.
@@ -39,7 +40,7 @@ class ZeroStrategy(DDPStrategy):
     ``block_backward_sync()``; ``reduce_policy`` decides whether micro-batches before it reduce too.
 
     Args:
-        stage: 1 shards optimizer state, 2 also gradients.
+        stage: 1 shards optimizer state, 2 also gradients, 3 also parameters.
         reduce_policy: "boundary" reduces only on the micro-batch that steps (no collective before it,
             full local gradients held meanwhile); "every_micro_batch" reduce-scatters every micro-batch so
             stage 2 keeps gradient memory sharded; "auto" picks per stage (see the README).
@@ -53,7 +54,7 @@ class ZeroStrategy(DDPStrategy):
 
     def __init__(
         self,
-        stage: Literal[1, 2] = 2,
+        stage: Literal[1, 2, 3] = 2,
         reduce_policy: ReducePolicyName = "auto",
         bucket_numel: int = 2**23,
         allow_unknown_optimizer: bool = False,
@@ -163,6 +164,16 @@ class ZeroStrategy(DDPStrategy):
                 stack.enter_context(engine.no_sync())
             yield
 
+    def gathered_parameters(
+        self, params: Any = None, modifier_rank: int | None = None
+    ) -> contextlib.AbstractContextManager[list[torch.nn.Parameter]]:
+        """Whole values of ``params`` (default: all) inside the block on every rank, like DeepSpeed's
+        ``GatheredParameters``; with ``modifier_rank`` changes made on that rank are written back to every
+        rank's slices on exit. A collective while fitting; outside fit the module is whole already."""
+        if not self.engines:
+            return contextlib.nullcontext(list(params) if params is not None else [])
+        return self.engines[0].gathered_parameters(params, modifier_rank)
+
     def grad_norm(self, norm_type: float = 2.0) -> torch.Tensor:
         """Global norm of the (reduced, averaged) gradient; a collective, for ``on_before_optimizer_step``."""
         if not self.engines:
@@ -189,9 +200,44 @@ class ZeroStrategy(DDPStrategy):
         assert self.lightning_module is not None
         state = self.lightning_module.state_dict()
         for engine in self.engines:
-            if any(b.trainable and b.dtypes.separate_master for b in engine.layout.buckets):
+            if engine.holds_sharded_values:
                 state.update(engine.full_params())
         return state
+
+    # ------------------------------------------------------------------ evaluation inside fit
+    # Stage 3 gathers the whole model once for a no-grad loop, so ranks that run different numbers of
+    # forward calls (uneven last batches, generation of different lengths) never wait on each other.
+    def _gather_for_loop(self) -> None:
+        for engine in self.engines:
+            engine.gather_all()
+
+    def _release_after_loop(self) -> None:
+        for engine in self.engines:
+            engine.release_all()
+
+    @override
+    def on_validation_start(self) -> None:
+        self._gather_for_loop()
+
+    @override
+    def on_validation_end(self) -> None:
+        self._release_after_loop()
+
+    @override
+    def on_test_start(self) -> None:
+        self._gather_for_loop()
+
+    @override
+    def on_test_end(self) -> None:
+        self._release_after_loop()
+
+    @override
+    def on_predict_start(self) -> None:
+        self._gather_for_loop()
+
+    @override
+    def on_predict_end(self) -> None:
+        self._release_after_loop()
 
     @override
     def teardown(self) -> None:
@@ -213,7 +259,7 @@ class ZeroStrategy(DDPStrategy):
     @classmethod
     @override
     def register_strategies(cls, strategy_registry: _StrategyRegistry) -> None:
-        for stage in (1, 2):
+        for stage in (1, 2, 3):
             for suffix, start_method in (("", "popen"), ("_spawn", "spawn"), ("_notebook", "fork")):
                 strategy_registry.register(
                     f"zero{stage}{suffix}",

@@ -22,6 +22,9 @@ NAMES = {
     "zero2_spawn": (2, _MultiProcessingLauncher, "spawn"),
     "zero1_notebook": (1, _MultiProcessingLauncher, "fork"),
     "zero2_notebook": (2, _MultiProcessingLauncher, "fork"),
+    "zero3": (3, _SubprocessScriptLauncher, None),
+    "zero3_spawn": (3, _MultiProcessingLauncher, "spawn"),
+    "zero3_notebook": (3, _MultiProcessingLauncher, "fork"),
 }
 
 
@@ -112,7 +115,7 @@ def fit_then_loops_then_fit_again(stage: int) -> dict[str, Any]:
             "second_steps": second.global_step}
 
 
-@pytest.mark.parametrize("stage", [1, 2])
+@pytest.mark.parametrize("stage", [1, 2, 3])
 def test_lifecycle_validate_test_predict_and_fit_again(pools, stage: int) -> None:
     for result in pools(2).run(fit_then_loops_then_fit_again, stage):
         assert result["same_on_all_ranks"]
@@ -206,3 +209,29 @@ def test_checkpoint_save_and_resume_through_the_trainer(pools, tmp_path) -> None
     worst = max(pools(2).run(checkpoint_and_resume, str(tmp_path)))
     print(f"resume through Trainer against ddp (stage 2 -> stage 1): {worst:.2e}")
     assert worst <= 1e-5
+
+
+class UnevenLoops(LitLoops):
+    """Rank 0 validates on three batches, the others on one, inside fit (stage 3)."""
+
+    def val_dataloader(self) -> Any:
+        return loader(3 if torch.distributed.get_rank() == 0 else 1, 1)
+
+
+def uneven_loops_stage3() -> dict[str, Any]:
+    module = UnevenLoops("sgd")
+    fit = trainer(ZeroStrategy(stage=3), max_steps=4, num_sanity_val_steps=2, val_check_interval=2,
+                  check_val_every_n_epoch=None)
+    fit.fit(module, loader(8, 1))
+    return {"steps": fit.global_step, "val": float(fit.callback_metrics["val_loss"])}
+
+
+def test_stage3_uneven_validation_does_not_hang(pools) -> None:
+    import time
+
+    start = time.perf_counter()
+    results = pools(2).run(uneven_loops_stage3)
+    elapsed = time.perf_counter() - start
+    print(f"uneven validation under zero3: {elapsed:.1f}s")
+    assert all(r["steps"] == 4 for r in results) and results[0]["val"] == results[1]["val"]
+    assert elapsed < 60

@@ -46,12 +46,15 @@ CASES = [
     (2, "sgd", 1, "auto", ("norm", 0.3), 0),
     (1, "sgd", 4, "boundary", ("value", 0.02), 0),
     (2, "adamw", 4, "auto", ("norm", 0.3), 1),
+    (3, "sgd", 1, "auto", None, 0),
+    (3, "sgd", 4, "boundary", ("value", 0.02), 2),
+    (3, "adamw", 4, "auto", ("norm", 0.3), 1),
 ]
 
 
 @pytest.mark.parametrize("world_size", [2, 3])
 def test_trainer_parity_with_lightning_ddp(pools, world_size) -> None:
-    cases = CASES if world_size == 2 else [CASES[3], CASES[6], CASES[8]]
+    cases = CASES if world_size == 2 else [CASES[3], CASES[6], CASES[8], CASES[11]]
     failures = []
     for case in cases:
         result = pools(world_size).run(trainer_parity, *case)[0]

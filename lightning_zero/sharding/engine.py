@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
 import torch
@@ -290,6 +290,50 @@ class ZeroEngine:
         if bucket.trainable and bucket.dtypes.separate_master:
             return self.masters[bucket.index]
         return self.param_shards.get(bucket.index)
+
+    @contextlib.contextmanager
+    def gathered_parameters(
+        self, params: Iterable[torch.nn.Parameter] | None = None, modifier_rank: int | None = None
+    ) -> Iterator[list[torch.nn.Parameter]]:
+        """Whole values of ``params`` (default: all) on every rank inside the block; a collective.
+
+        With ``modifier_rank`` the block may change them in place on that rank: on exit its values are
+        broadcast and written back into every rank's slices and fp32 masters. Without it, changes are
+        discarded under stage 3 and left unsynchronised otherwise, so pass it when writing.
+        """
+        chosen = list(self.params if params is None else params)
+        ids = {id(p) for p in chosen}
+        buckets = sorted({r.bucket for r in self.layout.params if id(self.params[r.index]) in ids})
+        if self.sharder is not None:
+            self.sharder.gather(buckets)
+        try:
+            yield chosen
+            if modifier_rank is not None:
+                self._write_back(buckets, modifier_rank)
+        finally:
+            if self.sharder is not None:
+                self.sharder.release(buckets)
+
+    def _write_back(self, buckets: list[int], modifier_rank: int) -> None:
+        src = dist.get_global_rank(self.group, modifier_rank) if self.group is not None else modifier_rank
+        with torch.no_grad():
+            for index in buckets:
+                bucket = self.layout.buckets[index]
+                tensors = [self.flat_params[index]] if self._is_flat(bucket) else [
+                    self.params[i].data for i in bucket.params]
+                settle([dist.broadcast(t, src=src, group=self.group, async_op=True) for t in tensors])
+                if not self._is_flat(bucket):
+                    continue
+                lo, hi = bucket.shard_range(self.rank)
+                owned = self.flat_params[index].narrow(0, lo, hi - lo)
+                for target in (self.param_shards.get(index), self.masters.get(index)):
+                    if target is not None and target.data_ptr() != owned.data_ptr():
+                        target.copy_(owned)
+
+    @property
+    def holds_sharded_values(self) -> bool:
+        """Whether some true parameter values live only in slices (fp32 masters, stage 3)."""
+        return any(self._authoritative_shard(b) is not None for b in self.layout.buckets)
 
     def full_params(self) -> dict[str, torch.Tensor]:
         """Whole parameters keyed by FQN (and alias), on CPU; masters where they exist. A collective."""
