@@ -19,6 +19,7 @@ Worked example, two ranks, one bucket of four elements::
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Iterable
 from typing import Any
 
@@ -33,9 +34,19 @@ __all__ = [
     "broadcast_from_first",
     "reduce_scatter_sum",
     "settle",
+    "traffic",
 ]
 
 _kept: list[Work] = []  # see [Note: keep finished work handles]
+
+#: Logical bytes each kind of collective moved in this process, as the ZeRO paper counts them: an
+#: all-reduce of n elements moves 2n (a reduce-scatter plus an all-gather), a reduce-scatter or an
+#: all-gather moves its full buffer once. Reset with ``traffic.clear()``.
+traffic: Counter[str] = Counter()
+
+
+def _count(kind: str, tensor: torch.Tensor, factor: int = 1) -> None:
+    traffic[kind] += factor * tensor.numel() * tensor.element_size()
 
 
 def settle(works: Iterable[Work | None]) -> None:
@@ -56,22 +67,27 @@ def reduce_scatter_sum(output: torch.Tensor, flat: torch.Tensor, group: ProcessG
 
     ``output`` may be this rank's own slice of ``flat`` (in place); the rest of ``flat`` is left unreduced.
     """
+    _count("reduce_scatter", flat)
     return _reduce_scatter(output, flat, op=dist.ReduceOp.SUM, group=group, async_op=True)
 
 
 def all_gather_flat(flat: torch.Tensor, shard: torch.Tensor, group: ProcessGroup | None) -> Work:
     """Start gathering every rank's ``shard`` into ``flat``; ``shard`` may be this rank's slice of it."""
+    _count("all_gather", flat)
     return _all_gather(flat, shard, group=group, async_op=True)
 
 
 def broadcast_from_first(tensors: list[torch.Tensor], group: ProcessGroup | None) -> None:
     """Overwrite ``tensors`` on every rank with the values of the group's first rank."""
     src = dist.get_global_rank(group, 0) if group is not None else 0
+    for tensor in tensors:
+        _count("broadcast", tensor)
     settle([dist.broadcast(t, src=src, group=group, async_op=True) for t in tensors])
 
 
 def all_reduce(tensor: torch.Tensor, op: dist.ReduceOp, group: ProcessGroup | None) -> None:
     """Reduce ``tensor`` in place across ranks with ``op`` and wait."""
+    _count("all_reduce", tensor, factor=2)
     settle([dist.all_reduce(tensor, op=op, group=group, async_op=True)])
 
 
