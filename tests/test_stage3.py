@@ -154,11 +154,15 @@ def traffic_per_step(stage: int) -> dict[str, float]:
     model(torch.randn(4, 64)).square().mean().backward()  # warm-up step
     engine.step()
     collectives.traffic.clear()
+    prefetched = engine.sharder.prefetch_count if engine.sharder else 0
     model(torch.randn(4, 64)).square().mean().backward()
     engine.step()
     moved = sum(collectives.traffic.values())
+    prefetched = (engine.sharder.prefetch_count if engine.sharder else 0) - prefetched
+    gathers = engine.sharder.gather_count if engine.sharder else 0
     engine.close()
-    return {"ratio": moved / (2 * psi * 4), "detail": dict(collectives.traffic)}
+    return {"ratio": moved / (2 * psi * 4), "detail": dict(collectives.traffic), "prefetched": prefetched,
+            "gathers": gathers}
 
 
 @pytest.mark.parametrize(("stage", "limit"), [(1, 1.0), (2, 1.0), (3, 1.5)])
@@ -167,6 +171,9 @@ def test_logical_traffic_per_step_against_ddp(pools, stage: int, limit: float) -
     print(f"stage {stage}: {result['ratio']:.4f}x DDP's 2Ψ fp32 all-reduce; {result['detail']}")
     # a per-parameter "had a gradient" flag (one byte each) rides along: allow that, nothing more
     assert result["ratio"] <= limit + 0.001
+    if stage == 3:  # 3 units: forward prefetches units 2-3, backward units 2-1 of the second step
+        print(f"prefetched {result['prefetched']} of the step's gathers")
+        assert result["prefetched"] == 4
 
 
 def bf16_stage3() -> float:

@@ -20,7 +20,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 
 import torch
-from torch.distributed import ProcessGroup
+from torch.distributed import ProcessGroup, Work
 from torch.utils.hooks import RemovableHandle
 
 from lightning_zero.sharding.collectives import all_gather_flat, settle
@@ -29,18 +29,16 @@ from lightning_zero.sharding.layout import Layout
 __all__ = ["ParameterSharder", "module_units"]
 
 
-_CONTAINERS = (torch.nn.ModuleList, torch.nn.ModuleDict, torch.nn.Sequential)
-
-
 def module_units(module: torch.nn.Module, prefix: str = "") -> tuple[str, ...]:
-    """Stage 3's default gather units: the root's children, with containers (``ModuleList``,
-    ``ModuleDict``, ``Sequential``) opened up, so each transformer block is one unit. A unit gathers its
-    whole subtree, which covers modules that use a child's weights without calling it (``MultiheadAttention``
-    reads ``out_proj.weight`` directly)."""
+    """Stage 3's default gather units. Modules that only hold other modules (``ModuleList``, a
+    LightningModule's ``self.model``, a transformer block without weights of its own) are opened up; a
+    module with weights of its own is a unit with its whole subtree, which covers modules that use a
+    child's weights without calling it (``MultiheadAttention`` reads ``out_proj.weight`` directly)."""
     units: list[str] = []
     for name, child in module.named_children():
         fqn = f"{prefix}{name}"
-        if isinstance(child, _CONTAINERS):
+        owns = any(p is not None for p in child._parameters.values())
+        if not owns and any(True for _ in child.children()):
             units.extend(module_units(child, prefix=f"{fqn}."))
         elif any(True for _ in child.parameters()):
             units.append(fqn)
@@ -70,6 +68,14 @@ class ParameterSharder:
         self.shards = shards  # bucket -> this rank's 1D slice, the persistent copy
         self.gathered: set[int] = set()
         self.gather_count = 0
+        self.prefetch_count = 0  # gathers started ahead of their unit
+        # [Note: prefetch] A unit's forward starts the all-gather of the unit that came next in the
+        # previous forward, and a unit's backward that of the unit before it, so communication overlaps
+        # compute. The order is recorded, so it is the same on every rank that runs the same modules.
+        self._inflight: dict[int, Work] = {}
+        self._previous_order: list[tuple[int, ...]] = []
+        self._order: list[tuple[int, ...]] = []
+        self._last_position: dict[tuple[int, ...], int] = {}
         self.hold_all = False  # inside a no-grad loop: everything stays gathered
         self._callback_queued = False
         self._handles: list[RemovableHandle] = []
@@ -91,27 +97,43 @@ class ParameterSharder:
         self._handles.append(module.register_forward_hook(self._post_forward(needed)))
 
     # ------------------------------------------------------------------ gather / release
-    def gather(self, buckets: Iterable[int]) -> None:
-        """Make ``buckets`` whole on this rank (a collective over the missing ones)."""
-        works = []
+    def _start(self, buckets: Iterable[int]) -> None:
         for index in buckets:
-            if index in self.gathered:
+            if index in self.gathered or index in self._inflight:
                 continue
             flat = self.flat_params[index]
-            storage = flat.untyped_storage()
-            storage.resize_(flat.numel() * flat.element_size())
-            works.append(all_gather_flat(flat, self.shards[index], self.group))
+            flat.untyped_storage().resize_(flat.numel() * flat.element_size())
+            self._inflight[index] = all_gather_flat(flat, self.shards[index], self.group)
+            self.gather_count += 1
+
+    def _finish(self, buckets: Iterable[int]) -> None:
+        ready = [index for index in buckets if index in self._inflight]
+        settle([self._inflight.pop(index) for index in ready])
+        for index in ready:
             for param_index in self.layout.buckets[index].params:
                 record = self.layout.params[param_index]
+                flat = self.flat_params[index]
                 self.params[param_index].data = flat.narrow(0, record.offset, record.numel).view(record.shape)
             self.gathered.add(index)
-            self.gather_count += 1
-        settle(works)
+
+    def gather(self, buckets: Iterable[int]) -> None:
+        """Make ``buckets`` whole on this rank (a collective over the missing ones)."""
+        buckets = list(buckets)
+        self._start(buckets)
+        self._finish(buckets)
+
+    def prefetch(self, buckets: Iterable[int]) -> None:
+        """Start gathering ``buckets`` without waiting (see [Note: prefetch])."""
+        before = self.gather_count
+        self._start(buckets)
+        self.prefetch_count += self.gather_count - before
 
     def release(self, buckets: Iterable[int]) -> None:
         """Drop the full copies of ``buckets``; only this rank's slices stay."""
         if self.hold_all:
             return
+        buckets = list(buckets)
+        self._finish(buckets)  # a prefetch still in flight must land before its buffer shrinks
         for index in buckets:
             for param_index in self.layout.buckets[index].params:
                 self.params[param_index].data = self._empty[index]
@@ -131,12 +153,20 @@ class ParameterSharder:
     def release_all(self) -> None:
         """Back to slices only."""
         self.hold_all = False
-        self.release(list(self.gathered))
+        self.release([*self.gathered, *self._inflight])
 
     # ------------------------------------------------------------------ hooks
     def _pre_forward(self, needed: list[int]):  # noqa: ANN202 - closures for nn.Module hooks
+        key = tuple(needed)
+
         def hook(module: torch.nn.Module, args: object) -> None:
             self.gather(needed)
+            if self.hold_all:
+                return
+            self._last_position[key] = len(self._order)
+            self._order.append(key)
+            if len(self._order) < len(self._previous_order):
+                self.prefetch(self._previous_order[len(self._order)])
 
         return hook
 
@@ -151,17 +181,24 @@ class ParameterSharder:
         return hook
 
     def _pre_backward(self, needed: list[int]):  # noqa: ANN202
+        key = tuple(needed)
+
         def hook(grad: torch.Tensor) -> None:
             if not self._callback_queued:
                 self._callback_queued = True
                 torch.autograd.Variable._execution_engine.queue_callback(self._end_of_backward)
             self.gather(needed)
+            position = self._last_position.get(key, 0)
+            if position > 0:
+                self.prefetch(self._order[position - 1])
 
         return hook
 
     def _end_of_backward(self) -> None:
         self._callback_queued = False
-        self.release(list(self.gathered))
+        self.release([*self.gathered, *self._inflight])
+        self._previous_order, self._order = self._order, []
+        self._last_position.clear()
 
     def remove_hooks(self) -> None:
         """Stop gathering on forward (the module is whole again, or being torn down)."""
