@@ -96,9 +96,11 @@ class MemoryReport(pl.Callback):
     (Lightning's bf16-mixed under ddp keeps fp32 weights and gradients, so the same 16Ψ)."""
 
     def on_train_end(self, trainer: pl.Trainer, module: pl.LightningModule) -> None:
-        psi = sum(p.numel() for p in module.parameters())
-        ddp_bytes = 16 * psi
         engines = getattr(trainer.strategy, "engines", [])
+        # under zero3 a parameter is an empty tensor between uses: count from the engine's layout
+        psi = sum(r.numel for r in engines[0].layout.params) if engines else sum(
+            p.numel() for p in module.parameters())
+        ddp_bytes = 16 * psi
         if engines:
             held = model_state_bytes(engines[0])
             line = (f"rank {trainer.global_rank}: {held.total / 2**20:.2f} MiB of model state (params "
