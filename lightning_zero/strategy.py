@@ -23,6 +23,7 @@ from lightning_zero.config import ReducePolicyName, ZeroConfig
 from lightning_zero.precision import ZeroPrecision
 from lightning_zero.sharding.collectives import settle
 from lightning_zero.sharding.engine import ZeroEngine
+from lightning_zero.sharding.init import sharded_init
 
 __all__ = ["ZeroStrategy"]
 
@@ -145,6 +146,17 @@ class ZeroStrategy(DDPStrategy):
         self.engines.clear()
         if isinstance(self._precision_plugin, ZeroPrecision):
             self._precision_plugin.release()
+
+    @contextlib.contextmanager
+    @override
+    def model_sharded_context(self) -> Generator[None, None, None]:
+        """Stage 3: modules built in ``configure_model()`` keep only this rank's chunk of their weights
+        from the moment each is built; ``self.apply(init_fn)`` still sees whole weights per module."""
+        if self.config.stage < 3:
+            yield
+            return
+        with sharded_init():
+            yield
 
     @override
     def _setup_model(self, model: torch.nn.Module) -> torch.nn.Module:

@@ -186,3 +186,92 @@ def test_stage3_bf16_mixed_matches_fp32_master_reference(pools) -> None:
     worst = max(pools(2).run(bf16_stage3))
     print(f"stage 3 bf16-mixed: {worst:.1e}")
     assert worst <= 1e-5
+
+
+class Stack(torch.nn.Module):
+    """Eight equal layers, re-initialised by ``apply`` in ``__init__`` (the GPT-2 pattern)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.layers = torch.nn.ModuleList(torch.nn.Linear(32, 32) for _ in range(8))
+        self.head = torch.nn.Linear(32, 4)
+        self.apply(self._init)
+
+    @staticmethod
+    def _init(module: torch.nn.Module) -> None:
+        if isinstance(module, torch.nn.Linear):
+            torch.nn.init.normal_(module.weight, std=0.02)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for layer in self.layers:
+            x = torch.tanh(layer(x))
+        return self.head(x)
+
+
+def sharded_init_matches_plain_init() -> dict[str, float]:
+    from lightning_zero.sharding.init import sharded_init
+
+    torch.manual_seed(0)
+    plain = Stack()
+    plain.apply(lambda m: torch.nn.init.zeros_(m.bias) if isinstance(m, torch.nn.Linear) else None)
+    whole = sum(p.numel() * p.element_size() for p in plain.parameters())
+    torch.manual_seed(0)
+    with sharded_init() as state:
+        model = Stack()
+        model.apply(lambda m: torch.nn.init.zeros_(m.bias) if isinstance(m, torch.nn.Linear) else None)
+    after_build = sum(p.numel() for p in model.parameters())
+    engine = ZeroEngine(model, torch.optim.SGD(model.parameters(), lr=0.1), ZeroConfig(stage=3))
+    held = model_state_bytes(engine).parameters
+    engine.materialize_module()
+    worst = max((p - q).abs().max().item() for p, q in zip(model.parameters(), plain.parameters()))
+    engine.close()
+    layer = 32 * 33 * 4
+    return {"worst": worst, "peak": state.peak_bytes, "whole": whole, "layer": layer, "after_build": after_build,
+            "held": held, "world": dist.get_world_size()}
+
+
+@pytest.mark.parametrize("world_size", [2, 4])
+def test_sharded_init_never_builds_the_whole_model(pools, world_size: int) -> None:
+    for got in pools(world_size).run(sharded_init_matches_plain_init):
+        n = got["world"]
+        print(f"N={n}: peak while building {got['peak']:,} bytes of {got['whole']:,} "
+              f"(1/N + one layer = {got['whole'] / n + got['layer']:,.0f}); max |init diff| {got['worst']}")
+        assert got["worst"] == 0.0  # the same values as building the model plainly
+        assert got["after_build"] == 0  # every parameter is an empty placeholder after building
+        assert got["peak"] <= got["whole"] / n * 1.05 + got["layer"]
+        assert abs(got["held"] - got["whole"] / n) <= 0.02 * got["whole"] / n
+
+
+def configure_model_parity() -> float:
+    import lightning.pytorch as pl
+    from lightning.pytorch.strategies import DDPStrategy
+
+    from lightning_zero import ZeroStrategy
+    from tests.helpers import relative_errors
+    from tests.lit_helpers import trainer
+
+    class Lit(pl.LightningModule):
+        def configure_model(self) -> None:
+            if not hasattr(self, "net"):
+                torch.manual_seed(0)
+                self.net = Stack()
+
+        def training_step(self, batch: object, batch_idx: int) -> torch.Tensor:
+            gen = torch.Generator().manual_seed(batch_idx * 10 + dist.get_rank())
+            return self.net(torch.randn(4, 32, generator=gen)).square().mean()
+
+        def configure_optimizers(self) -> torch.optim.Optimizer:
+            return torch.optim.SGD(self.parameters(), lr=0.1, momentum=0.9)
+
+    nets = {}
+    for name, strategy in (("ddp", DDPStrategy()), ("zero3", ZeroStrategy(stage=3))):
+        module = Lit()
+        trainer(strategy, max_steps=5).fit(module, torch.utils.data.DataLoader(range(5), batch_size=None))
+        nets[name] = module.net
+    return max(relative_errors(nets["zero3"], nets["ddp"]).values())
+
+
+def test_configure_model_under_zero3_matches_ddp(pools) -> None:
+    worst = max(pools(2).run(configure_model_parity))
+    print(f"configure_model + sharded init, 5 steps against ddp: {worst:.2e}")
+    assert worst <= TOLERANCE

@@ -25,6 +25,7 @@ from lightning_zero.sharding.collectives import (
 )
 from lightning_zero.sharding.gradients import GradientReducer
 from lightning_zero.sharding.layout import Bucket, ByModule, BySize, DtypeSlots, Layout, plan_layout
+from lightning_zero.sharding.init import PendingChunk, pending_chunks
 from lightning_zero.sharding.parameters import ParameterSharder, module_units
 from lightning_zero.sharding.optimizer import ShardedOptimizer
 
@@ -79,7 +80,14 @@ class ZeroEngine:
 
         self.units = module_units(module) if self.config.stage == 3 else ()
         grouping = ByModule(self.units) if self.config.stage == 3 else BySize(self.config.bucket_numel)
-        self.layout: Layout = plan_layout(named, self.world_size, grouping, group_of, dtypes, aliases)
+        chunks = {param: pending_chunks[param] for _, param in named if param in pending_chunks}
+        # (a dict keyed by Parameter hashes by identity; membership tests below use the same objects)
+        if chunks and self.config.stage < 3:  # built under sharded_init but not sharded here: make whole
+            for param in list(chunks):
+                param.data = self._assemble([param], [chunks.pop(param)])[0]
+        self._chunks = chunks
+        self.layout: Layout = plan_layout(named, self.world_size, grouping, group_of, dtypes, aliases,
+                                          shapes={p: c.shape for p, c in chunks.items()})
         self._check_ranks_agree()
         self.params: list[torch.nn.Parameter] = [param for _, param in named]
         self.flat_params: dict[int, torch.Tensor] = {}  # bucket index -> 1D padded storage buffer
@@ -139,10 +147,15 @@ class ZeroEngine:
                 continue
             members = [self.params[i] for i in bucket.params]
             original = torch.zeros(bucket.padded_numel, dtype=members[0].dtype, device=members[0].device)
+            pending = [p for p in members if p in self._chunks]
+            wholes = dict(zip(map(id, pending), self._assemble(pending, [self._chunks.pop(p) for p in pending])))
+
             for index, param in zip(bucket.params, members):
                 record = self.layout.params[index]
-                original.narrow(0, record.offset, record.numel).copy_(param.detach().reshape(-1))
-            broadcast_from_first([original], self.group)
+                value = wholes.get(id(param), param.detach())
+                original.narrow(0, record.offset, record.numel).copy_(value.reshape(-1))
+            if not pending:  # built whole on every rank: start from rank 0's values
+                broadcast_from_first([original], self.group)
             slots = bucket.dtypes
             flat = original if slots.storage == original.dtype else original.to(slots.storage)
             for index, param in zip(bucket.params, members):
@@ -159,6 +172,25 @@ class ZeroEngine:
             self.flat_params[bucket.index] = flat
         others = [self.params[i].data for b in self.layout.buckets if not self._is_flat(b) for i in b.params]
         broadcast_from_first(others + [buffer for _, buffer in self.module.named_buffers()], self.group)
+
+    def _assemble(self, params: list[torch.nn.Parameter], chunks: list[PendingChunk]) -> list[torch.Tensor]:
+        """Whole values of parameters built under ``sharded_init``, from every rank's chunks (one
+        all-gather for the lot)."""
+        if not params:
+            return []
+        for param in params:
+            pending_chunks.pop(param, None)
+        local = torch.cat([c.chunk for c in chunks])
+        gathered = local.new_empty(local.numel() * self.world_size)
+        settle([all_gather_flat(gathered, local, self.group)])
+        per_rank = gathered.view(self.world_size, local.numel())
+        wholes, offset = [], 0
+        for chunk in chunks:
+            size = chunk.chunk.numel()
+            whole = per_rank[:, offset : offset + size].reshape(-1).narrow(0, 0, chunk.numel)
+            wholes.append(whole.view(chunk.shape))
+            offset += size
+        return wholes
 
     # ------------------------------------------------------------------ training
     def no_sync(self) -> contextlib.AbstractContextManager[None]:

@@ -248,24 +248,31 @@ def plan_layout(
     group_of: Mapping[torch.nn.Parameter, int] | None = None,
     dtypes: DtypeSlots | None = None,
     aliases: Mapping[str, Sequence[str]] | None = None,
+    shapes: Mapping[torch.nn.Parameter, torch.Size] | None = None,
 ) -> Layout:
     """Plan buckets for ``named_params`` (registration order, each tensor once) on ``world_size`` ranks.
 
     ``group_of`` maps a parameter to its optimizer param group; ``dtypes`` overrides the dtype slots of
     floating-point trainable buckets (default: every slot in the parameter's own dtype); ``aliases`` lists
-    extra names of tied parameters.
+    extra names of tied parameters; ``shapes`` gives the true shape of parameters that are empty
+    placeholders (built under sharded initialisation).
     """
     if world_size < 1:
         raise ValueError(f"world_size must be >= 1, got {world_size}")
     group_of = group_of or {}
     aliases = aliases or {}
+    shapes = shapes or {}
     named = list(named_params)
+
+    def shape_of(param: torch.nn.Parameter) -> torch.Size:
+        return shapes.get(param, param.shape)
+
     candidates = [
         _Candidate(
             position,
             fqn,
             BucketKey(group_of.get(param), param.dtype, param.requires_grad),
-            param.numel(),
+            shape_of(param).numel(),
         )
         for position, (fqn, param) in enumerate(named)
     ]
@@ -282,7 +289,7 @@ def plan_layout(
             position = fqn_position[member.fqn]
             param = named[position][1]
             records[position] = ParamRecord(
-                position, member.fqn, param.shape, member.numel, len(buckets), offset,
+                position, member.fqn, shape_of(param), member.numel, len(buckets), offset,
                 tuple(aliases.get(member.fqn, ())),
             )
             indices.append(position)
