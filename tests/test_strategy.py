@@ -165,7 +165,7 @@ def test_spawn_returns_trained_weights_to_the_parent() -> None:
     from tests.lit_helpers import SpawnLoader
 
     results = {}
-    for name in ("ddp_spawn_find_unused_parameters_true", "zero2_spawn"):
+    for name in ("ddp_spawn_find_unused_parameters_true", "zero2_spawn", "zero3_spawn"):
         module = LitTiny("sgd")
         initial = module.net.head.weight.detach().clone()
         fit = pl.Trainer(strategy=name, accelerator="cpu", devices=2, max_epochs=1, logger=False,
@@ -174,9 +174,11 @@ def test_spawn_returns_trained_weights_to_the_parent() -> None:
         fit.fit(module, SpawnLoader(8, 2))
         assert not torch.equal(module.net.head.weight, initial)
         results[name] = module.net
-    worst = max(relative_errors(results["zero2_spawn"], results["ddp_spawn_find_unused_parameters_true"]).values())
-    print(f"spawn parity in the parent: {worst:.2e}")
-    assert worst <= 1e-5
+    reference = results["ddp_spawn_find_unused_parameters_true"]
+    for name in ("zero2_spawn", "zero3_spawn"):
+        worst = max(relative_errors(results[name], reference).values())
+        print(f"{name} parity in the parent: {worst:.2e}")
+        assert worst <= 1e-5
 
 
 def checkpoint_and_resume(tmp: str) -> float:
@@ -235,3 +237,28 @@ def test_stage3_uneven_validation_does_not_hang(pools) -> None:
     print(f"uneven validation under zero3: {elapsed:.1f}s")
     assert all(r["steps"] == 4 for r in results) and results[0]["val"] == results[1]["val"]
     assert elapsed < 60
+
+
+class WithMetric(LitLoops):
+    def __init__(self) -> None:
+        super().__init__("sgd")
+        import torchmetrics
+
+        self.metric = torchmetrics.MeanSquaredError()
+
+    def validation_step(self, batch: Any, batch_idx: int) -> None:
+        x, y, step = batch
+        self.metric(self.net(x), y)
+        self.log("val_mse", self.metric, on_epoch=True)
+
+
+def metric_synced_under_zero3() -> float:
+    module = WithMetric()
+    fit = trainer(ZeroStrategy(stage=3), max_steps=2, limit_val_batches=2)
+    fit.fit(module, loader(2, 1), loader(2 if torch.distributed.get_rank() == 0 else 1, 1))
+    return float(fit.callback_metrics["val_mse"])
+
+
+def test_torchmetrics_synced_across_ranks_under_zero3(pools) -> None:
+    values = pools(2).run(metric_synced_under_zero3)
+    assert values[0] == values[1] and values[0] > 0
