@@ -37,7 +37,7 @@ def _worker(rank: int, world: int, port: int, args: argparse.Namespace, out: mp.
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     data = corpus()
     results: dict[str, dict[str, list[float]]] = {}
-    for repeat in range(args.repeats):
+    for _ in range(args.repeats):
         for stage in args.stages:
             for policy in ("boundary", "every_micro_batch"):
                 torch.manual_seed(0)

@@ -20,7 +20,6 @@ from torch.utils.data import DataLoader, IterableDataset
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from gpt import GPT, corpus, sample_batch  # noqa: E402
 
-import lightning_zero  # noqa: E402  (registers "zero1", "zero2", ...)
 from lightning_zero import model_state_bytes  # noqa: E402
 
 
@@ -105,8 +104,8 @@ class MemoryReport(pl.Callback):
             held = model_state_bytes(engines[0])
             line = (f"rank {trainer.global_rank}: {held.total / 2**20:.2f} MiB of model state (params "
                     f"{held.parameters / 2**20:.2f}, grads {held.gradients / 2**20:.2f}, master "
-                    f"{held.master / 2**20:.2f}, optimizer {held.optimizer_state / 2**20:.2f}) vs ddp {ddp_bytes / 2**20:.2f} MiB "
-                    f"({held.total / ddp_bytes:.2f}x)")
+                    f"{held.master / 2**20:.2f}, optimizer {held.optimizer_state / 2**20:.2f}) "
+                    f"vs ddp {ddp_bytes / 2**20:.2f} MiB ({held.total / ddp_bytes:.2f}x)")
         else:
             line = f"rank {trainer.global_rank}: ddp holds {ddp_bytes / 2**20:.2f} MiB of model state"
         lines = [None] * trainer.world_size

@@ -1,12 +1,13 @@
 """lightning-zero: ZeRO for PyTorch Lightning on plain torch.distributed.
 
-Importing the package registers the strategy names ("zero1", "zero2", "zero1_spawn", ...) with
+Importing the package registers the strategy names ("zero1", "zero2", "zero3", "zero2_spawn", ...) with
 Lightning's ``StrategyRegistry``, so ``Trainer(strategy="zero2")`` works after ``import lightning_zero``.
 """
 
 from lightning.pytorch.strategies import StrategyRegistry
 
-from lightning_zero.config import ZeroConfig
+from lightning_zero.config import PrecisionPolicy, ZeroConfig
+from lightning_zero.loss_scaler import DynamicLossScaler, LossScaleAtMinimumError
 from lightning_zero.memory import ModelStateBytes, model_state_bytes
 from lightning_zero.precision import ZeroPrecision
 from lightning_zero.sharding import ByModule, BySize, DtypeSlots, ZeroEngine, check_elementwise
@@ -21,7 +22,10 @@ __all__ = [
     "ByModule",
     "BySize",
     "DtypeSlots",
+    "DynamicLossScaler",
+    "LossScaleAtMinimumError",
     "ModelStateBytes",
+    "PrecisionPolicy",
     "ZeroConfig",
     "ZeroEngine",
     "ZeroPrecision",

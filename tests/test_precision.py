@@ -6,7 +6,6 @@ from __future__ import annotations
 import copy
 from typing import Any
 
-import lightning.pytorch as pl
 import pytest
 import torch
 import torch.distributed as dist
@@ -26,7 +25,6 @@ STEPS = 10
 def _reference_step(model: nn.Module, masters: dict[str, torch.Tensor], accumulated: dict[str, torch.Tensor],
                     reduce_now: bool) -> None:
     """Stage 0 with fp32 masters: fp32 all-reduce of the bf16 gradients, summed in fp32."""
-    world = dist.get_world_size()
     for name, param in model.named_parameters():
         if name not in masters or param.grad is None:
             continue

@@ -24,10 +24,10 @@ from lightning_zero.sharding.collectives import (
     settle,
 )
 from lightning_zero.sharding.gradients import GradientReducer
-from lightning_zero.sharding.layout import Bucket, ByModule, BySize, DtypeSlots, Layout, plan_layout
 from lightning_zero.sharding.init import PendingChunk, pending_chunks
-from lightning_zero.sharding.parameters import ParameterSharder, module_units
+from lightning_zero.sharding.layout import Bucket, ByModule, BySize, DtypeSlots, Layout, plan_layout
 from lightning_zero.sharding.optimizer import ShardedOptimizer
+from lightning_zero.sharding.parameters import ParameterSharder, module_units
 
 __all__ = ["ZeroEngine"]
 
@@ -81,7 +81,6 @@ class ZeroEngine:
         self.units = module_units(module) if self.config.stage == 3 else ()
         grouping = ByModule(self.units) if self.config.stage == 3 else BySize(self.config.bucket_numel)
         chunks = {param: pending_chunks[param] for _, param in named if param in pending_chunks}
-        # (a dict keyed by Parameter hashes by identity; membership tests below use the same objects)
         if chunks and self.config.stage < 3:  # built under sharded_init but not sharded here: make whole
             for param in list(chunks):
                 param.data = self._assemble([param], [chunks.pop(param)])[0]
