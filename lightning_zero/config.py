@@ -24,12 +24,15 @@ class ZeroConfig:
     reductions earlier in backward, larger ones make fewer collectives.
     ``reduce_policy``: when gradients are reduced under accumulation; see ``resolve_reduce_policy``.
     ``allow_unknown_optimizer``: step an optimizer class not known to be element-wise (you vouch for it).
+    ``unit_numel``: stage 3 gathers a module without weights of its own (a transformer block) as one unit
+    when it holds at most this many elements (default 2**20); larger ones are opened up.
     """
 
     stage: int = 2
     bucket_numel: int = 2**23
     reduce_policy: ReducePolicyName = "auto"
     allow_unknown_optimizer: bool = False
+    unit_numel: int = 2**20
 
     def __post_init__(self) -> None:
         if self.stage not in _STAGES:
@@ -39,6 +42,8 @@ class ZeroConfig:
             )
         if not isinstance(self.bucket_numel, int) or self.bucket_numel <= 0:
             raise ValueError(f"bucket_numel must be a positive integer, got {self.bucket_numel!r}")
+        if not isinstance(self.unit_numel, int) or self.unit_numel < 0:
+            raise ValueError(f"unit_numel must be a non-negative integer, got {self.unit_numel!r}")
         if self.reduce_policy not in _POLICIES:
             raise ValueError(f"reduce_policy must be one of {_POLICIES}, got {self.reduce_policy!r}")
 

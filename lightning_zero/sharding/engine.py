@@ -78,7 +78,7 @@ class ZeroEngine:
         if not any(param.requires_grad and param in group_of for _, param in named):
             raise ValueError("the optimizer holds no trainable parameter of the module: nothing to shard")
 
-        self.units = module_units(module) if self.config.stage == 3 else ()
+        self.units = module_units(module, self.config.unit_numel) if self.config.stage == 3 else ()
         grouping = ByModule(self.units) if self.config.stage == 3 else BySize(self.config.bucket_numel)
         chunks = {param: pending_chunks[param] for _, param in named if param in pending_chunks}
         if chunks and self.config.stage < 3:  # built under sharded_init but not sharded here: make whole
@@ -293,6 +293,8 @@ class ZeroEngine:
             if self.config.stage < 3:
                 works.append(all_gather_flat(flat, owned, self.group))
         settle(works)
+        if self.sharder is not None:
+            self.sharder.refresh_persistent()
 
     def gather_all(self) -> None:
         """Stage 3: keep the whole model gathered (a no-grad loop); no-op otherwise. A collective."""
@@ -360,6 +362,8 @@ class ZeroEngine:
                 for target in (self.param_shards.get(index), self.masters.get(index)):
                     if target is not None and target.data_ptr() != owned.data_ptr():
                         target.copy_(owned)
+        if self.sharder is not None:
+            self.sharder.refresh_persistent()
 
     @property
     def holds_sharded_values(self) -> bool:
@@ -411,6 +415,8 @@ class ZeroEngine:
                     for target in targets:
                         target.narrow(0, piece.shard_offset, piece.numel).copy_(
                             flat.narrow(0, piece.start, piece.numel))
+        if self.sharder is not None:
+            self.sharder.refresh_persistent()
         if "optimizer" in state:
             self.optimizer.load_full_state_dict(state["optimizer"])
 

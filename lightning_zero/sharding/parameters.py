@@ -11,8 +11,8 @@ is an empty tensor (``numel() == 0``), so touching one outside a forward, a back
 Each gather unit (see ``module_units``) gathers the buckets of every parameter in its subtree (tied ones
 included) in a forward pre-hook and releases them after its forward; a hook on its outputs gathers them
 again before its backward. A bucket is released in backward once its gradients are handed to the
-reduce-scatter, and everything still gathered is released when backward ends. The root gathers only the
-parameters no unit holds.
+reduce-scatter, and everything still gathered is released when backward ends. Parameters that the root
+owns itself (no unit holds them) stay gathered.
 """
 
 from __future__ import annotations
@@ -24,23 +24,28 @@ from torch.distributed import ProcessGroup, Work
 from torch.utils.hooks import RemovableHandle
 
 from lightning_zero.sharding.collectives import all_gather_flat, settle
+from lightning_zero.sharding.init import pending_chunks
 from lightning_zero.sharding.layout import Layout
 
 __all__ = ["ParameterSharder", "module_units"]
 
 
-def module_units(module: torch.nn.Module, prefix: str = "") -> tuple[str, ...]:
-    """Stage 3's default gather units. Modules that only hold other modules (``ModuleList``, a
-    LightningModule's ``self.model``, a transformer block without weights of its own) are opened up; a
-    module with weights of its own is a unit with its whole subtree, which covers modules that use a
-    child's weights without calling it (``MultiheadAttention`` reads ``out_proj.weight`` directly)."""
+def module_units(module: torch.nn.Module, unit_numel: int = 0, prefix: str = "") -> tuple[str, ...]:
+    """Stage 3's gather units. A module with weights of its own is a unit with its whole subtree, which
+    covers modules that use a child's weights without calling it (``MultiheadAttention`` reads
+    ``out_proj.weight`` directly). Modules without weights of their own are opened up (a LightningModule's
+    ``self.model``, ``ModuleList``), except that one holding at most ``unit_numel`` elements in all (a
+    transformer block) is kept whole as one unit: fewer, larger all-gathers."""
     units: list[str] = []
     for name, child in module.named_children():
         fqn = f"{prefix}{name}"
+        params = list(child.parameters())
+        numel = sum(pending_chunks[p].numel if p in pending_chunks else p.numel() for p in params)
         owns = any(p is not None for p in child._parameters.values())
-        if not owns and any(True for _ in child.children()):
-            units.extend(module_units(child, prefix=f"{fqn}."))
-        elif any(True for _ in child.parameters()):
+        container = isinstance(child, (torch.nn.ModuleList, torch.nn.ModuleDict))
+        if not owns and any(True for _ in child.children()) and (container or numel > unit_numel):
+            units.extend(module_units(child, unit_numel, prefix=f"{fqn}."))
+        elif params:
             units.append(fqn)
     return tuple(units)
 
@@ -86,11 +91,12 @@ class ParameterSharder:
             members = [p for _, p in sub.named_parameters(remove_duplicate=False)]
             covered.update(id(p) for p in members)
             self._hook(sub, sorted({bucket_of[id(p)] for p in members}))
-        rest = {bucket_of[id(p)] for p in module.parameters() if id(p) not in covered}
-        if rest:
-            self._hook(module, sorted(rest))
+        # Parameters the root owns itself stay gathered: the root's forward is not always called (a
+        # LightningModule's training_step calls its submodules), so no hook could gather them in time.
+        self.persistent = {bucket_of[id(p)] for p in module.parameters() if id(p) not in covered}
         for bucket in flat_params:
             self.release([bucket])
+        self.gather(self.persistent)
 
     def _hook(self, module: torch.nn.Module, needed: list[int]) -> None:
         self._handles.append(module.register_forward_pre_hook(self._pre_forward(needed)))
@@ -132,13 +138,18 @@ class ParameterSharder:
         """Drop the full copies of ``buckets``; only this rank's slices stay."""
         if self.hold_all:
             return
-        buckets = list(buckets)
+        buckets = [index for index in buckets if index not in self.persistent]
         self._finish(buckets)  # a prefetch still in flight must land before its buffer shrinks
         for index in buckets:
             for param_index in self.layout.buckets[index].params:
                 self.params[param_index].data = self._empty[index]
             self.flat_params[index].untyped_storage().resize_(0)
             self.gathered.discard(index)
+
+    def refresh_persistent(self) -> None:
+        """Re-gather the always-gathered buckets after their slices changed (a step, a load)."""
+        works = [all_gather_flat(self.flat_params[i], self.shards[i], self.group) for i in sorted(self.persistent)]
+        settle(works)
 
     def release_one(self, bucket: int) -> None:
         """Release one bucket (its gradients have just been handed to the reduce-scatter)."""
