@@ -37,6 +37,7 @@ def save_after_training(stage: int, optimizer: str, path: str, continued_path: s
     if dist.get_rank() == 0:
         torch.save(state, path)
     _continue(engine, model, optimizer)
+    engine.materialize_module()
     if dist.get_rank() == 0:
         torch.save({k: v.detach().clone() for k, v in model.named_parameters()}, continued_path)
     engine.close()
@@ -57,6 +58,7 @@ def load_and_continue(stage: int, optimizer: str, path: str, continued_path: str
     engine.load_full_state_dict(saved)
     _assert_same(saved, engine.full_state_dict())
     _continue(engine, model, optimizer)
+    engine.materialize_module()
     expected = torch.load(continued_path, weights_only=True)
     engine.close()
     return max(
@@ -71,6 +73,9 @@ def load_and_continue(stage: int, optimizer: str, path: str, continued_path: str
         ("sgd", 2, 4, (1, 2)),
         ("adamw", 4, 2, (2, 1)),
         ("sgd", 3, 2, (1, 1)),
+        ("adamw", 2, 4, (3, 3)),
+        ("sgd", 3, 2, (2, 3)),
+        ("adamw", 4, 3, (3, 1)),
     ],
 )
 def test_round_trip_across_world_sizes(pools, tmp_path, optimizer, saved_on, loaded_on, stages) -> None:

@@ -398,6 +398,7 @@ class ZeroEngine:
         unexpected = sorted(saved.keys() - names - {a for r in self.layout.params for a in r.aliases})
         if missing or unexpected:
             raise ValueError(f"parameter names differ: missing {missing[:5]}, unexpected {unexpected[:5]}")
+        sharded = self._sharded_params
         with torch.no_grad():
             for record in self.layout.params:
                 value = saved[record.fqn]
@@ -405,7 +406,7 @@ class ZeroEngine:
                     raise ValueError(
                         f"{record.fqn}: saved shape {tuple(value.shape)} != model shape {tuple(record.shape)}"
                     )
-                if record.index not in self._sharded_params:
+                if record.index not in sharded:
                     self.params[record.index].copy_(value)
             for bucket in self.layout.buckets:
                 targets = [t for t in (self.param_shards.get(bucket.index), self.masters.get(bucket.index))
