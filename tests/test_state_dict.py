@@ -107,3 +107,32 @@ def full_state_has_whole_tensors() -> dict[str, list[int]]:
 
 def test_full_state_dict_is_whole_and_keyed_by_name(pools) -> None:
     pools(3).run(full_state_has_whole_tensors)
+
+
+def local_states(stage: int, precision: str) -> dict[str, object]:
+    from lightning_zero.config import PrecisionPolicy
+    from lightning_zero.sharding.state import local_state_dict
+
+    model = build_model()
+    opt = OPTIMIZERS["adamw"](param_groups(model, _lr("adamw")))
+    engine = ZeroEngine(model, opt, ZeroConfig(stage=stage, bucket_numel=150),
+                        dtypes=PrecisionPolicy.from_precision(precision).slots())
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision != "32-true"):
+        _continue(engine, model, "adamw")
+    local = local_state_dict(engine)
+    full = engine.full_state_dict()
+    engine.close()
+    return {"local": local, "full": full}
+
+
+@pytest.mark.parametrize(("stage", "precision", "world_size"), [(1, "32-true", 2), (2, "bf16-mixed", 3),
+                                                                (3, "32-true", 4)])
+def test_local_states_consolidate_in_one_process(pools, stage, precision, world_size) -> None:
+    from lightning_zero.sharding.state import consolidate
+
+    results = pools(world_size).run(local_states, stage, precision)
+    consolidated = consolidate([r["local"] for r in reversed(results)])  # any order
+    _assert_same(results[0]["full"], consolidated)
+    assert not any(r["local"]["whole"] for r in results[1:])  # unsharded parameters are kept once
+    with pytest.raises(ValueError, match="every rank"):
+        consolidate([r["local"] for r in results[1:]])
