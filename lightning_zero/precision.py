@@ -116,7 +116,11 @@ class ZeroPrecision(Precision):
     @override
     def pre_backward(self, tensor: Tensor, module: pl.LightningModule) -> Tensor:  # type: ignore[override]
         super().pre_backward(tensor, module)
-        return tensor * self.scaler.scale if self.scaler is not None else tensor
+        if self.scaler is None:
+            return tensor
+        for engine in self._engines.values():
+            engine.loss_scale = self.scaler.scale  # divided out once, when the gradients are reduced
+        return tensor * self.scaler.scale
 
     @property
     def loss_scale(self) -> float:
@@ -133,7 +137,7 @@ class ZeroPrecision(Precision):
     ) -> Any:
         engine = self.engine_for(optimizer)
         closure_result = closure()
-        engine.reduce_gradients(loss_scale=self.loss_scale)
+        engine.reduce_gradients()
         if self.scaler is not None:
             overflow = engine.found_nonfinite_gradient()
             self.scaler.update(overflow)

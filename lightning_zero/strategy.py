@@ -152,7 +152,10 @@ class ZeroStrategy(DDPStrategy):
     def model_sharded_context(self) -> Generator[None, None, None]:
         """Stage 3: modules built in ``configure_model()`` keep only this rank's chunk of their weights
         from the moment each is built; ``self.apply(init_fn)`` still sees whole weights per module."""
-        if self.config.stage < 3:
+        module = self.lightning_module
+        fitting = module is not None and module._trainer is not None and (
+            module._trainer.state.fn == TrainerFn.FITTING)
+        if self.config.stage < 3 or not fitting:  # only fit has an engine to assemble the chunks
             yield
             return
         with sharded_init():
@@ -205,6 +208,29 @@ class ZeroStrategy(DDPStrategy):
             self.precision_plugin.engine_for(optimizer).optimizer.load_full_state_dict(state)
 
     # ------------------------------------------------------------------ teardown and names
+    @property
+    @override
+    def restore_checkpoint_after_setup(self) -> bool:
+        """Restore into the engine's slices: under stage 3 the module's parameters are not whole before."""
+        return True
+
+    @override
+    def load_model_state_dict(self, checkpoint: Mapping[str, Any], strict: bool = True) -> None:
+        assert self.lightning_module is not None
+        state = checkpoint["state_dict"]
+        if not self.engines:
+            self.lightning_module.load_state_dict(state, strict=strict)
+            return
+        engine = self.engines[0]
+        names = {r.fqn for r in engine.layout.params} | {a for r in engine.layout.params for a in r.aliases}
+        engine.load_full_state_dict({"params": {k: v for k, v in state.items() if k in names}})
+        rest = {k: v for k, v in state.items() if k not in names}
+        missing, unexpected = self.lightning_module.load_state_dict(rest, strict=False)
+        missing = [k for k in missing if k not in names]
+        if strict and (missing or unexpected):
+            raise RuntimeError(f"checkpoint does not match the model: missing {missing[:5]}, unexpected "
+                               f"{unexpected[:5]}")
+
     @override
     def lightning_module_state_dict(self) -> dict[str, Any]:
         """The module's state with whole master-precision weights (fp32 under ``*-mixed``); a collective

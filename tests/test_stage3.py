@@ -275,3 +275,103 @@ def test_configure_model_under_zero3_matches_ddp(pools) -> None:
     worst = max(pools(2).run(configure_model_parity))
     print(f"configure_model + sharded init, 5 steps against ddp: {worst:.2e}")
     assert worst <= TOLERANCE
+
+
+def review_regressions() -> dict[str, object]:
+    """Cases found in review: a loss scale folded into every reduction, a reduction before the last
+    micro-batch refused, and a write-back that changes nothing leaving fp32 masters bitwise alone."""
+    from lightning_zero.config import PrecisionPolicy
+    from tests.helpers import build_model, loss_of
+
+    out: dict[str, object] = {}
+    model = build_model()
+    engine = ZeroEngine(model, torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1),
+                        ZeroConfig(stage=2, bucket_numel=150))
+    loss_of(model, 0, 0, 1).backward()
+    plain = engine.grad_norm().item()
+    engine.zero_grad()
+    engine.loss_scale = 8.0
+    (loss_of(model, 0, 0, 1) * 8.0).backward()
+    out["scaled_norm_ratio"] = engine.grad_norm().item() / plain
+    engine.zero_grad()
+    engine.loss_scale = 1.0
+    with engine.no_sync():
+        loss_of(model, 0, 0, 2).backward()
+    engine.grad_norm()
+    try:
+        loss_of(model, 0, 1, 2).backward()
+        out["late_backward"] = "accepted"
+    except RuntimeError as error:
+        out["late_backward"] = str(error)
+    engine.close()
+
+    model = build_model()
+    engine = ZeroEngine(model, torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1),
+                        ZeroConfig(stage=2, bucket_numel=150),
+                        dtypes=PrecisionPolicy.from_precision("bf16-mixed").slots())
+    masters = {k: v.clone() for k, v in engine.masters.items()}
+    with engine.gathered_parameters([model.scale], modifier_rank=0):
+        pass
+    out["masters_untouched"] = all(torch.equal(masters[k], v) for k, v in engine.masters.items())
+    engine.close()
+
+    stray = build_model()
+    try:
+        ZeroEngine(stray, torch.optim.SGD(stray.head.parameters(), lr=0.1))
+        out["outside"] = "accepted"
+    except ValueError as error:
+        out["outside"] = str(error)
+    return out
+
+
+def test_review_regressions(pools) -> None:
+    for result in pools(2).run(review_regressions):
+        assert result["scaled_norm_ratio"] == pytest.approx(1.0, rel=1e-5)
+        assert "arrived after this step's gradients were reduced" in result["late_backward"]
+        assert result["masters_untouched"]
+        assert "no optimizer param group holds them" in result["outside"]
+
+
+def stage3_configure_model_validate_and_resume(tmp: str) -> dict[str, float]:
+    import os
+
+    import lightning.pytorch as pl
+
+    from lightning_zero import ZeroStrategy
+    from tests.lit_helpers import trainer
+
+    class Lit(pl.LightningModule):
+        def configure_model(self) -> None:
+            if not hasattr(self, "net"):
+                torch.manual_seed(0)
+                self.net = Stack()
+
+        def training_step(self, batch: object, batch_idx: int) -> torch.Tensor:
+            gen = torch.Generator().manual_seed(batch_idx * 10 + dist.get_rank())
+            return self.net(torch.randn(4, 32, generator=gen)).square().mean()
+
+        def validation_step(self, batch: object, batch_idx: int) -> None:
+            self.log("val", self.net(torch.ones(2, 32)).square().mean(), sync_dist=True, batch_size=2)
+
+        def configure_optimizers(self) -> torch.optim.Optimizer:
+            return torch.optim.AdamW(self.parameters(), lr=0.01)
+
+    data = torch.utils.data.DataLoader(range(4), batch_size=None)
+    checked = trainer(ZeroStrategy(stage=3)).validate(Lit(), data, verbose=False)[0]["val"]
+    first = trainer(ZeroStrategy(stage=3), max_steps=2, max_epochs=3)
+    first.fit(Lit(), data)
+    path = os.path.join(tmp, "z3.ckpt")
+    first.save_checkpoint(path)
+    resumed = Lit()
+    again = trainer(ZeroStrategy(stage=3), max_steps=4, max_epochs=3)
+    again.fit(resumed, data, ckpt_path=path)
+    straight = Lit()
+    trainer(ZeroStrategy(stage=3), max_steps=4, max_epochs=3).fit(straight, data)
+    worst = max((a - b).abs().max().item() for a, b in zip(resumed.parameters(), straight.parameters()))
+    return {"validate": checked, "steps": again.global_step, "worst": worst}
+
+
+def test_stage3_configure_model_validate_without_fit_and_resume(pools, tmp_path) -> None:
+    for result in pools(2).run(stage3_configure_model_validate_and_resume, str(tmp_path)):
+        assert result["validate"] > 0 and result["steps"] == 4
+        assert result["worst"] <= 1e-6

@@ -75,6 +75,12 @@ class ZeroEngine:
         devices = {param.device for _, param in named}
         if len(devices) > 1:
             raise ValueError(f"all parameters must be on one device, found {sorted(map(str, devices))}")
+        outside = [fqn for fqn, param in named if param.requires_grad and param not in group_of]
+        if outside:
+            raise ValueError(
+                f"parameters {outside[:3]} require gradients but no optimizer param group holds them; ZeRO "
+                "would neither reduce nor step them. Add them to the optimizer, or set requires_grad=False."
+            )
         if not any(param.requires_grad and param in group_of for _, param in named):
             raise ValueError("the optimizer holds no trainable parameter of the module: nothing to shard")
 
@@ -111,6 +117,9 @@ class ZeroEngine:
             self.config.allow_unknown_optimizer,
         )
         self._had_grad: list[bool] | None = None
+        # The factor the loss was multiplied by before backward (fp16 loss scaling sets it), divided out
+        # once when the gradients are reduced.
+        self.loss_scale = 1.0
 
     # ------------------------------------------------------------------ setup
     def _check_ranks_agree(self) -> None:
@@ -196,12 +205,13 @@ class ZeroEngine:
         """Backwards inside accumulate locally (no collective) under the "boundary" policy."""
         return self.reducer.no_sync()
 
-    def reduce_gradients(self, loss_scale: float = 1.0) -> None:
+    def reduce_gradients(self) -> None:
         """Finish this window's reductions and turn the shards into true averaged gradients, dividing by
-        ``world_size * loss_scale`` once (idempotent until the step)."""
+        ``world_size * loss_scale`` once (idempotent until the step). A backward after this and before the
+        step raises: reduce (or read norms) only after the window's last micro-batch."""
         if self._had_grad is None:
             self._check_trainability_unchanged()
-            self._had_grad = self.reducer.finish(divide_by=self.world_size * loss_scale)
+            self._had_grad = self.reducer.finish(divide_by=self.world_size * self.loss_scale)
 
     def found_nonfinite_gradient(self) -> bool:
         """Whether any rank's gradient shard holds an inf or NaN (a collective; same answer everywhere)."""
@@ -339,15 +349,22 @@ class ZeroEngine:
         buckets = sorted({r.bucket for r in self.layout.params if id(self.params[r.index]) in ids})
         if self.sharder is not None:
             self.sharder.gather(buckets)
+        before = {}
+        if modifier_rank is not None:  # to move only changed values into fp32 masters (no rounding)
+            for index in buckets:
+                bucket = self.layout.buckets[index]
+                if bucket.trainable and bucket.dtypes.separate_master:
+                    lo, hi = bucket.shard_range(self.rank)
+                    before[index] = self.flat_params[index].narrow(0, lo, hi - lo).clone()
         try:
             yield chosen
             if modifier_rank is not None:
-                self._write_back(buckets, modifier_rank)
+                self._write_back(buckets, modifier_rank, before)
         finally:
             if self.sharder is not None:
                 self.sharder.release(buckets)
 
-    def _write_back(self, buckets: list[int], modifier_rank: int) -> None:
+    def _write_back(self, buckets: list[int], modifier_rank: int, before: dict[int, torch.Tensor]) -> None:
         src = dist.get_global_rank(self.group, modifier_rank) if self.group is not None else modifier_rank
         with torch.no_grad():
             for index in buckets:
@@ -359,9 +376,12 @@ class ZeroEngine:
                     continue
                 lo, hi = bucket.shard_range(self.rank)
                 owned = self.flat_params[index].narrow(0, lo, hi - lo)
-                for target in (self.param_shards.get(index), self.masters.get(index)):
-                    if target is not None and target.data_ptr() != owned.data_ptr():
-                        target.copy_(owned)
+                shard = self.param_shards.get(index)
+                if shard is not None:
+                    shard.copy_(owned)
+                if index in before:
+                    changed = owned != before[index]
+                    self.masters[index][changed] = owned[changed].to(self.masters[index].dtype)
         if self.sharder is not None:
             self.sharder.refresh_persistent()
 

@@ -74,6 +74,7 @@ class GradientReducer:
         self.buckets: list[_BucketGrads] = []
         self.had_grad = [False] * len(layout.params)
         self._require_sync = True
+        self._finished = False  # finish() ran: the window's shards are final until zero_grad()
         self._callback_queued = False
         self._reduced_in_window = False
         self._next_launch = 0
@@ -132,6 +133,12 @@ class GradientReducer:
         record_index = state.bucket.params[position]
 
         def on_grad(param: torch.Tensor) -> None:
+            if self._finished:
+                raise RuntimeError(
+                    f"a gradient for {self.layout.params[record_index].fqn!r} arrived after this step's gradients "
+                    "were reduced (grad_norm(), clipping or grad_shards() ran before the last micro-batch); "
+                    "call them after the window's last backward, e.g. in on_before_optimizer_step"
+                )
             self.had_grad[record_index] = True
             if self.stage == 1:
                 _adopt_view(param, state.views[position])
@@ -232,6 +239,7 @@ class GradientReducer:
     def finish(self, divide_by: float) -> list[bool]:
         """Wait for the window's reductions, divide the shards by ``divide_by`` and return, for every
         parameter, whether any rank produced a gradient for it in this window."""
+        self._finished = True
         if not self._reduced_in_window:
             # No reducing backward ran here (say, no parameter got a gradient on this rank): every rank
             # must still take part in the same reduce-scatters.
@@ -261,6 +269,7 @@ class GradientReducer:
                     param.grad = None
         self.had_grad = [False] * len(self.layout.params)
         self._reduced_in_window = False
+        self._finished = False
 
     def remove_hooks(self) -> None:
         """Detach from the module: no hook of ours fires after this."""
