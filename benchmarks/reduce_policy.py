@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import os
 import statistics
 import sys
 import time
@@ -20,21 +19,18 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent / "examples"))
+sys.path.insert(0, str(HERE))
+from harness import common_arguments, run_pinned  # noqa: E402
 
 
-def _worker(rank: int, world: int, port: int, args: argparse.Namespace, out: mp.Queue) -> None:
+def _worker(rank: int, args: argparse.Namespace) -> tuple[int, dict]:
     from gpt import GPT, corpus, sample_batch
 
     from lightning_zero import ZeroConfig, ZeroEngine, model_state_bytes
 
-    if hasattr(os, "sched_setaffinity") and len(os.sched_getaffinity(0)) >= world:
-        os.sched_setaffinity(0, {sorted(os.sched_getaffinity(0))[rank]})
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     data = corpus()
     results: dict[str, dict[str, list[float]]] = {}
     for _ in range(args.repeats):
@@ -63,35 +59,16 @@ def _worker(rank: int, world: int, port: int, args: argparse.Namespace, out: mp.
                 entry = results.setdefault(f"zero{stage}/{policy}", {"median_s": [], "grad_bytes": []})
                 entry["median_s"].append(statistics.median(times))
                 entry["grad_bytes"].append(grad_bytes)
-    if rank == 0:
-        out.put((sum(p.numel() for p in GPT(width=args.width, depth=args.depth).parameters()), results))
-    dist.destroy_process_group()
+    return sum(p.numel() for p in GPT(width=args.width, depth=args.depth).parameters()), results
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    common_arguments(parser)
     parser.add_argument("--accumulate", type=int, default=4)
-    parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--steps", type=int, default=6)
-    parser.add_argument("--warmup", type=int, default=2)
-    parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--width", type=int, default=256)
-    parser.add_argument("--depth", type=int, default=4)
     parser.add_argument("--stages", type=int, nargs="+", default=[1, 2])
     args = parser.parse_args()
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    ctx = mp.get_context("spawn")
-    out = ctx.Queue()
-    procs = [ctx.Process(target=_worker, args=(r, 2, port, args, out)) for r in range(2)]
-    for proc in procs:
-        proc.start()
-    psi, results = out.get()
-    for proc in procs:
-        proc.join()
+    psi, results = run_pinned(_worker, args)
     rows = []
     print(f"GPT {psi:,} parameters, fp32 AdamW, world size 2 (pinned), accumulate {args.accumulate}, "
           f"{args.repeats} interleaved repeats\n")

@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import socket
 import statistics
 import sys
 import time
@@ -20,23 +18,21 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent / "examples"))
+sys.path.insert(0, str(HERE))
+from harness import common_arguments, run_pinned  # noqa: E402
+
 SYSTEMS = ("ddp", "zero1", "zero2", "zero3")
 
 
-def _worker(rank: int, world: int, port: int, args: argparse.Namespace, out: mp.Queue) -> None:
+def _worker(rank: int, args: argparse.Namespace) -> tuple[int, dict]:
     from gpt import GPT, corpus, sample_batch
     from torch.nn.parallel import DistributedDataParallel
 
     from lightning_zero import ZeroConfig, ZeroEngine
 
-    if hasattr(os, "sched_setaffinity") and len(os.sched_getaffinity(0)) >= world:
-        os.sched_setaffinity(0, {sorted(os.sched_getaffinity(0))[rank]})
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     data = corpus()
     medians: dict[str, list[float]] = {name: [] for name in SYSTEMS}
     for _ in range(args.repeats):
@@ -66,31 +62,14 @@ def _worker(rank: int, world: int, port: int, args: argparse.Namespace, out: mp.
             if engine is not None:
                 engine.close()
             medians[name].append(statistics.median(times))
-    if rank == 0:
-        out.put((sum(p.numel() for p in GPT(width=args.width, depth=args.depth).parameters()), medians))
-    dist.destroy_process_group()
+    return sum(p.numel() for p in GPT(width=args.width, depth=args.depth).parameters()), medians
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--steps", type=int, default=8)
-    parser.add_argument("--warmup", type=int, default=2)
-    parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--width", type=int, default=256)
-    parser.add_argument("--depth", type=int, default=4)
+    common_arguments(parser)
     args = parser.parse_args()
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    ctx = mp.get_context("spawn")
-    out = ctx.Queue()
-    procs = [ctx.Process(target=_worker, args=(r, 2, port, args, out)) for r in range(2)]
-    for proc in procs:
-        proc.start()
-    psi, medians = out.get()
-    for proc in procs:
-        proc.join()
+    psi, medians = run_pinned(_worker, args)
     lines = [f"GPT {psi:,} parameters, fp32 AdamW, accumulate 1, world size 2 (each rank pinned to a core), "
              f"{args.repeats} interleaved repeats, torch {torch.__version__}", "",
              "| system | median step (s) | ratio to DDP (median of per-repeat ratios) |", "|---|---|---|"]

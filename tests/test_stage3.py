@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import lightning.pytorch as pl
 import pytest
 import torch
 import torch.distributed as dist
@@ -242,24 +243,27 @@ def test_sharded_init_never_builds_the_whole_model(pools, world_size: int) -> No
         assert abs(got["held"] - got["whole"] / n) <= 0.02 * got["whole"] / n
 
 
+class LitStack(pl.LightningModule):
+    """``Stack`` built in ``configure_model()`` (sharded as it is built under zero3), random data per rank."""
+
+    def configure_model(self) -> None:
+        if not hasattr(self, "net"):
+            torch.manual_seed(0)
+            self.net = Stack()
+
+    def training_step(self, batch: object, batch_idx: int) -> torch.Tensor:
+        gen = torch.Generator().manual_seed(batch_idx * 10 + dist.get_rank())
+        return self.net(torch.randn(4, 32, generator=gen)).square().mean()
+
+
 def configure_model_parity() -> float:
-    import lightning.pytorch as pl
     from lightning.pytorch.strategies import DDPStrategy
 
     from lightning_zero import ZeroStrategy
     from tests.helpers import relative_errors
     from tests.lit_helpers import trainer
 
-    class Lit(pl.LightningModule):
-        def configure_model(self) -> None:
-            if not hasattr(self, "net"):
-                torch.manual_seed(0)
-                self.net = Stack()
-
-        def training_step(self, batch: object, batch_idx: int) -> torch.Tensor:
-            gen = torch.Generator().manual_seed(batch_idx * 10 + dist.get_rank())
-            return self.net(torch.randn(4, 32, generator=gen)).square().mean()
-
+    class Lit(LitStack):
         def configure_optimizers(self) -> torch.optim.Optimizer:
             return torch.optim.SGD(self.parameters(), lr=0.1, momentum=0.9)
 
@@ -335,21 +339,10 @@ def test_review_regressions(pools) -> None:
 def stage3_configure_model_validate_and_resume(tmp: str) -> dict[str, float]:
     import os
 
-    import lightning.pytorch as pl
-
     from lightning_zero import ZeroStrategy
     from tests.lit_helpers import trainer
 
-    class Lit(pl.LightningModule):
-        def configure_model(self) -> None:
-            if not hasattr(self, "net"):
-                torch.manual_seed(0)
-                self.net = Stack()
-
-        def training_step(self, batch: object, batch_idx: int) -> torch.Tensor:
-            gen = torch.Generator().manual_seed(batch_idx * 10 + dist.get_rank())
-            return self.net(torch.randn(4, 32, generator=gen)).square().mean()
-
+    class Lit(LitStack):
         def validation_step(self, batch: object, batch_idx: int) -> None:
             self.log("val", self.net(torch.ones(2, 32)).square().mean(), sync_dist=True, batch_size=2)
 
