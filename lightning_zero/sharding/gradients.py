@@ -41,6 +41,7 @@ class _BucketGrads:
     full: torch.Tensor | None = None  # 1D, padded_numel, storage dtype; stage 1 only (params' .grad view it)
     views: list[torch.Tensor] = field(default_factory=list)  # stage 1: each param's grad view into ``full``
     arrived: list[bool] = field(default_factory=list)
+    missing: int = 0  # parameters of this bucket whose gradient has not arrived in this backward
     launched: bool = False
     reduced_in_window: bool = False
 
@@ -90,7 +91,8 @@ class GradientReducer:
             members = [params[i] for i in bucket.params]
             device = members[0].device
             slots = bucket.dtypes
-            state = _BucketGrads(bucket, members, shard=torch.empty(0), arrived=[False] * len(members))
+            state = _BucketGrads(bucket, members, shard=torch.empty(0), arrived=[False] * len(members),
+                                 missing=len(members))
             if stage == 1:
                 state.full = torch.zeros(bucket.padded_numel, dtype=slots.storage, device=device)
                 for index, param in zip(bucket.params, members):
@@ -152,8 +154,10 @@ class GradientReducer:
             if not self._callback_queued:
                 self._callback_queued = True
                 torch.autograd.Variable._execution_engine.queue_callback(self._end_of_backward)
-            state.arrived[position] = True
-            while self._next_launch < len(self.buckets) and all(self.buckets[self._next_launch].arrived):
+            if not state.arrived[position]:
+                state.arrived[position] = True
+                state.missing -= 1
+            while self._next_launch < len(self.buckets) and self.buckets[self._next_launch].missing == 0:
                 self._launch(self.buckets[self._next_launch])
 
         return on_grad
@@ -221,6 +225,7 @@ class GradientReducer:
         for state in self.buckets:
             state.launched = False
             state.arrived = [False] * len(state.params)
+            state.missing = len(state.params)
         self._next_launch = 0
         self._reduced_in_window = True
 
