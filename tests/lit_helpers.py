@@ -8,8 +8,10 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 import torch.distributed as dist
+from lightning.pytorch.strategies import DDPStrategy
 from torch.utils.data import DataLoader, Dataset
 
+from lightning_zero.sharding.collectives import settle
 from tests.helpers import OPTIMIZERS, _lr, batch, build_model, param_groups
 
 
@@ -86,3 +88,17 @@ class SpawnLoader:
 
     def __len__(self) -> int:
         return self.length
+
+
+class SettledDDPStrategy(DDPStrategy):
+    """Lightning's ``ddp`` as a reference, ending on a waited barrier like ``ZeroStrategy``.
+
+    Plain ``ddp_spawn`` ranks abort now and then at exit on torch 2.13 with gloo ("terminate called without an
+    active exception", about one run in six here); see [Note: keep finished work handles] in
+    ``lightning_zero/sharding/collectives.py``.
+    """
+
+    def teardown(self) -> None:
+        if dist.is_available() and dist.is_initialized():
+            settle([dist.barrier(async_op=True)])
+        super().teardown()
