@@ -6,6 +6,12 @@ Lightning's ``StrategyRegistry``, so ``Trainer(strategy="zero2")`` works after `
 
 from lightning.pytorch.strategies import StrategyRegistry
 
+from lightning_zero.checkpoint import (
+    CheckpointError,
+    ShardedCheckpoint,
+    consolidate_checkpoint,
+    is_sharded_checkpoint,
+)
 from lightning_zero.config import PrecisionPolicy, ZeroConfig
 from lightning_zero.loss_scaler import DynamicLossScaler, LossScaleAtMinimumError
 from lightning_zero.memory import ModelStateBytes, model_state_bytes
@@ -21,15 +27,19 @@ if "zero2" not in StrategyRegistry:
 __all__ = [
     "ByModule",
     "BySize",
+    "CheckpointError",
     "DtypeSlots",
     "DynamicLossScaler",
     "LossScaleAtMinimumError",
     "ModelStateBytes",
     "PrecisionPolicy",
+    "ShardedCheckpoint",
     "ZeroConfig",
     "ZeroEngine",
     "ZeroPrecision",
     "ZeroStrategy",
     "check_elementwise",
+    "consolidate_checkpoint",
+    "is_sharded_checkpoint",
     "model_state_bytes",
 ]

@@ -4,31 +4,45 @@ hooks, registration). The ZeRO mechanics live in ``lightning_zero.sharding``."""
 from __future__ import annotations
 
 import contextlib
+import os
+import shutil
 from collections.abc import Generator, Mapping
 from datetime import timedelta
 from typing import Any, Literal
 
 import lightning.pytorch as pl
 import torch
+import torch.distributed as dist
 from lightning.fabric.plugins import CheckpointIO, ClusterEnvironment
 from lightning.fabric.plugins.collectives.torch_collective import default_pg_timeout
 from lightning.fabric.strategies.registry import _StrategyRegistry
 from lightning.pytorch.plugins.precision import Precision
 from lightning.pytorch.strategies import DDPStrategy
 from lightning.pytorch.trainer.states import TrainerFn, TrainerStatus
+from torch.distributed import ProcessGroup
 from torch.optim import Optimizer
 from typing_extensions import override
 
+from lightning_zero.checkpoint import (
+    CheckpointError,
+    ShardedCheckpoint,
+    agree,
+    named_optimizer_state,
+    save_file_atomically,
+    save_sharded,
+)
 from lightning_zero.config import ReducePolicyName, ZeroConfig
 from lightning_zero.precision import ZeroPrecision
 from lightning_zero.sharding.collectives import settle
 from lightning_zero.sharding.engine import ZeroEngine
 from lightning_zero.sharding.init import sharded_init
+from lightning_zero.sharding.state import FullSource, StateSource, local_state_dict, to_full_state_dict
 
 __all__ = ["ZeroStrategy"]
 
 _PRECISIONS = ("32-true", "bf16-mixed", "16-mixed", "bf16-true", "16-true")
 _GENERIC_PLUGINS = ("Precision", "MixedPrecision", "HalfPrecision")
+_SHARDS = "_lightning_zero_sharded_checkpoint"  # the open ShardedCheckpoint, in a loaded checkpoint dict
 
 
 class ZeroStrategy(DDPStrategy):
@@ -47,6 +61,10 @@ class ZeroStrategy(DDPStrategy):
             stage 2 keeps gradient memory sharded; "auto" picks per stage (see the README).
         bucket_numel: elements per gradient bucket.
         allow_unknown_optimizer: shard an optimizer class not known to be element-wise (you vouch for it).
+        state_dict_type: "sharded" (default): ``save_checkpoint`` writes a directory in which each rank
+            writes only its own slices, committed atomically; resumable on any world size and stage, and
+            ``lightning_zero.consolidate_checkpoint`` turns it into one plain file. "full": one plain
+            Lightning file, gathered whole on rank 0 (small models, or tools that expect a file).
         timeout: how long collectives wait before failing, as for ``DDPStrategy``.
         start_method: "popen" (subprocess, like ``ddp``), "spawn", "fork" (notebooks) or "forkserver".
     """
@@ -59,6 +77,7 @@ class ZeroStrategy(DDPStrategy):
         reduce_policy: ReducePolicyName = "auto",
         bucket_numel: int = 2**23,
         allow_unknown_optimizer: bool = False,
+        state_dict_type: Literal["sharded", "full"] = "sharded",
         accelerator: pl.accelerators.Accelerator | None = None,
         parallel_devices: list[torch.device] | None = None,
         cluster_environment: ClusterEnvironment | None = None,
@@ -82,7 +101,11 @@ class ZeroStrategy(DDPStrategy):
             timeout=timeout,
             start_method=start_method,
         )
+        if state_dict_type not in ("sharded", "full"):
+            raise ValueError(f"state_dict_type must be 'sharded' or 'full', got {state_dict_type!r}")
+        self.state_dict_type = state_dict_type
         self.engines: list[ZeroEngine] = []
+        self._checkpoint_group: ProcessGroup | None = None
 
     # ------------------------------------------------------------------ precision pairing
     @property  # type: ignore[override]
@@ -109,6 +132,13 @@ class ZeroStrategy(DDPStrategy):
         self._precision_plugin = ZeroPrecision(name)
 
     # ------------------------------------------------------------------ setup
+    @override
+    def setup_distributed(self) -> None:
+        super().setup_distributed()
+        # Checkpoint coordination (monitored barrier, small objects) runs on gloo, whatever the backend.
+        if dist.get_backend() != "gloo":
+            self._checkpoint_group = dist.new_group(backend="gloo", timeout=self._timeout)
+
     @override
     def setup(self, trainer: pl.Trainer) -> None:
         assert self.accelerator is not None and self.model is not None
@@ -196,18 +226,97 @@ class ZeroStrategy(DDPStrategy):
         return self.engines[0].grad_norm(norm_type)
 
     # ------------------------------------------------------------------ checkpoints
+    # [Note: sharded checkpoint layout and commit] in ``lightning_zero/checkpoint.py`` has the format.
+    @property
+    def _sharded_save(self) -> bool:
+        return self.state_dict_type == "sharded"
+
+    def _layout_names(self) -> set[str]:
+        return {name for engine in self.engines for r in engine.layout.params for name in (r.fqn, *r.aliases)}
+
+    @override
+    def lightning_module_state_dict(self) -> dict[str, Any]:
+        """"full": the module's state with whole master-precision weights (fp32 under ``*-mixed``), a
+        collective while engines hold the masters. "sharded": only what the engines do not hold (buffers),
+        with no collective; the engines' slices go to each rank's file in ``save_checkpoint``."""
+        assert self.lightning_module is not None
+        state = self.lightning_module.state_dict()
+        if self._sharded_save:
+            names = self._layout_names()
+            return {key: value for key, value in state.items() if key not in names}
+        for engine in self.engines:
+            if engine.holds_sharded_values:
+                state.update(engine.full_params())
+        return state
+
     @override
     def optimizer_state(self, optimizer: Optimizer) -> dict[str, Any]:
-        """Whole optimizer state keyed by parameter name (a collective: every rank calls it)."""
+        """"full": the whole optimizer state keyed by parameter name (a collective). "sharded": a marker;
+        each rank's slices are written by ``save_checkpoint``."""
         engine = self.precision_plugin.engine_for(optimizer)
+        if self._sharded_save:
+            return {"lightning_zero": "sharded", "param_groups": engine.optimizer.param_groups()}
         return engine.optimizer.full_state_dict(engine.group)
 
     @override
-    def load_optimizer_state_dict(self, checkpoint: Mapping[str, Any]) -> None:
-        for optimizer, state in zip(self.optimizers, checkpoint["optimizer_states"]):
-            self.precision_plugin.engine_for(optimizer).optimizer.load_full_state_dict(state)
+    def save_checkpoint(
+        self, checkpoint: dict[str, Any], filepath: str | os.PathLike[str], storage_options: Any | None = None
+    ) -> None:
+        """Write ``checkpoint`` atomically: "sharded", a directory every rank writes its slices into (a
+        collective: call it on every rank); "full", one file written by rank 0."""
+        if storage_options is not None:
+            raise TypeError("ZeroStrategy.save_checkpoint takes no storage_options; it writes files itself")
+        if not self._sharded_save:
+            if self.is_global_zero:
+                save_file_atomically(checkpoint, filepath)
+            return
+        engine = self.engines[0] if self.engines else None
+        with_optimizer = "optimizer_states" in checkpoint and engine is not None
+        local: dict[str, Any] = {"pieces": [], "whole": {}, "param_groups": None}
+        manifest: dict[str, Any] = {"stage": self.config.stage, "optimizer_state": with_optimizer,
+                                    "optimizer": None, "shapes": {}, "aliases": {}}
+        if engine is not None:
+            local = local_state_dict(engine, optimizer=with_optimizer)
+            manifest.update(
+                optimizer=type(engine.optimizer.optimizer).__qualname__,
+                shapes={r.fqn: list(r.shape) for r in engine.layout.params},
+                aliases={r.fqn: list(r.aliases) for r in engine.layout.params if r.aliases},
+            )
+        save_sharded(filepath, local, checkpoint if self.is_global_zero else None, self._checkpoint_group,
+                     self._timeout or default_pg_timeout, manifest)
 
-    # ------------------------------------------------------------------ teardown and names
+    @override
+    def remove_checkpoint(self, filepath: str | os.PathLike[str]) -> None:
+        """Rank 0 removes a checkpoint, file or sharded directory (``ModelCheckpoint``'s rotation)."""
+        if self.is_global_zero:
+            if os.path.isdir(filepath) and not os.path.islink(filepath):
+                shutil.rmtree(filepath)
+            elif os.path.lexists(filepath):
+                os.remove(filepath)
+
+    @override
+    def load_checkpoint(
+        self, checkpoint_path: str | os.PathLike[str], weights_only: bool | None = None
+    ) -> dict[str, Any]:
+        """A plain file loads as with ``ddp``; a sharded directory is checked on every rank first (each
+        rank checks the CRCs of a share of the files; any failure raises on every rank) and read lazily."""
+        if not os.path.isdir(checkpoint_path):
+            return super().load_checkpoint(checkpoint_path, weights_only=weights_only)
+        error, checkpoint = None, None
+        try:
+            checkpoint = ShardedCheckpoint(checkpoint_path)
+            checkpoint.check(verify=lambda position: position % self.world_size == self.global_rank)
+        except CheckpointError as exc:
+            error = str(exc)
+        if dist.is_available() and dist.is_initialized():
+            agree(error, self._checkpoint_group)
+        elif error:
+            raise CheckpointError(error)
+        assert checkpoint is not None
+        loaded = checkpoint.load_meta()
+        loaded[_SHARDS] = checkpoint
+        return loaded
+
     @property
     @override
     def restore_checkpoint_after_setup(self) -> bool:
@@ -217,30 +326,53 @@ class ZeroStrategy(DDPStrategy):
     @override
     def load_model_state_dict(self, checkpoint: Mapping[str, Any], strict: bool = True) -> None:
         assert self.lightning_module is not None
-        state = checkpoint["state_dict"]
+        state = dict(checkpoint["state_dict"])
+        shards: ShardedCheckpoint | None = checkpoint.get(_SHARDS)
         if not self.engines:
+            if shards is not None:
+                state.update(to_full_state_dict(shards.source(optimizer=False), shards.manifest.get("aliases"),
+                                                optimizer=False)["params"])
             self.lightning_module.load_state_dict(state, strict=strict)
             return
         engine = self.engines[0]
-        names = {r.fqn for r in engine.layout.params} | {a for r in engine.layout.params for a in r.aliases}
-        engine.load_full_state_dict({"params": {k: v for k, v in state.items() if k in names}})
+        names = self._layout_names()
+        origin = shards.path if shards is not None else "the checkpoint"
+        source: StateSource = shards.source(optimizer=False) if shards is not None else FullSource(
+            {"params": {k: v for k, v in state.items() if k in names}})
+        try:
+            engine.check_source(source, optimizer=False)
+        except ValueError as exc:
+            raise CheckpointError(f"{origin} does not match this model: {exc}") from exc
         rest = {k: v for k, v in state.items() if k not in names}
         missing, unexpected = self.lightning_module.load_state_dict(rest, strict=False)
         missing = [k for k in missing if k not in names]
         if strict and (missing or unexpected):
-            raise RuntimeError(f"checkpoint does not match the model: missing {missing[:5]}, unexpected "
-                               f"{unexpected[:5]}")
+            raise CheckpointError(f"{origin} does not match this model: missing {missing[:5]}, unexpected "
+                                  f"{unexpected[:5]}")
+        engine.load_state(source, optimizer=False)
 
     @override
-    def lightning_module_state_dict(self) -> dict[str, Any]:
-        """The module's state with whole master-precision weights (fp32 under ``*-mixed``); a collective
-        while engines hold the masters, so every rank calls it (Lightning's checkpointing does)."""
-        assert self.lightning_module is not None
-        state = self.lightning_module.state_dict()
-        for engine in self.engines:
-            if engine.holds_sharded_values:
-                state.update(engine.full_params())
-        return state
+    def load_optimizer_state_dict(self, checkpoint: Mapping[str, Any]) -> None:
+        shards: ShardedCheckpoint | None = checkpoint.get(_SHARDS)
+        origin = shards.path if shards is not None else "the checkpoint"
+        for optimizer, state in zip(self.optimizers, checkpoint["optimizer_states"]):
+            engine = self.precision_plugin.engine_for(optimizer)
+            current = type(optimizer).__qualname__
+            if shards is not None:
+                saved = shards.manifest.get("optimizer")
+                if saved != current:
+                    raise CheckpointError(f"{origin} holds {saved} state; this run's optimizer is {current}. "
+                                          "Resume with the same optimizer, or load the weights only.")
+                source: StateSource = shards.source(optimizer=True)
+            else:
+                groups = state.get("param_groups") or []
+                if groups and groups[0]["params"] and isinstance(groups[0]["params"][0], int):
+                    state = named_optimizer_state(state, engine.optimizer.param_fqns)  # saved by ``ddp``
+                source = FullSource({"optimizer": state})
+            try:
+                engine.optimizer.load_state(source)
+            except ValueError as exc:
+                raise CheckpointError(f"{origin} holds another optimizer setup than {current}'s: {exc}") from exc
 
     # ------------------------------------------------------------------ evaluation inside fit
     # Stage 3 gathers the whole model once for a no-grad loop, so ranks that run different numbers of
@@ -276,6 +408,16 @@ class ZeroStrategy(DDPStrategy):
     @override
     def on_predict_end(self) -> None:
         self._release_after_loop()
+
+    # ------------------------------------------------------------------ teardown and names
+    @override
+    def barrier(self, *args: Any, **kwargs: Any) -> None:
+        """As ``ddp``'s, but on gloo the barrier's handle stays with Python: Lightning's barriers are often a
+        process's last collective (see [Note: keep finished work handles])."""
+        if dist.is_available() and dist.is_initialized() and dist.get_backend() == "gloo":
+            settle([dist.barrier(async_op=True)])
+        else:
+            super().barrier(*args, **kwargs)
 
     @override
     def teardown(self) -> None:

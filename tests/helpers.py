@@ -142,3 +142,19 @@ def relative_errors(model: nn.Module, reference: nn.Module) -> dict[str, float]:
 def twin_models(seed: int = 0) -> tuple[TinyNet, TinyNet]:
     model = build_model(seed)
     return model, copy.deepcopy(model)
+
+
+def assert_same(saved: object, loaded: object, where: str = "") -> None:
+    """Nested dicts, lists and tensors equal exactly (tensors bitwise)."""
+    if isinstance(saved, dict):
+        assert isinstance(loaded, dict) and saved.keys() == loaded.keys(), where
+        for key in saved:
+            assert_same(saved[key], loaded[key], f"{where}/{key}")
+    elif isinstance(saved, (list, tuple)):
+        assert len(saved) == len(loaded), where
+        for i, (a, b) in enumerate(zip(saved, loaded)):
+            assert_same(a, b, f"{where}[{i}]")
+    elif torch.is_tensor(saved):
+        assert torch.equal(saved, loaded), where
+    else:
+        assert saved == loaded, where

@@ -9,24 +9,9 @@ import torch
 import torch.distributed as dist
 
 from lightning_zero import ZeroConfig, ZeroEngine
-from tests.helpers import OPTIMIZERS, _lr, build_model, param_groups, train_zero
+from tests.helpers import OPTIMIZERS, _lr, assert_same, build_model, param_groups, train_zero
 
 FIRST, THEN = 3, 4
-
-
-def _assert_same(saved: object, loaded: object, where: str = "") -> None:
-    if isinstance(saved, dict):
-        assert isinstance(loaded, dict) and saved.keys() == loaded.keys(), where
-        for key in saved:
-            _assert_same(saved[key], loaded[key], f"{where}/{key}")
-    elif isinstance(saved, (list, tuple)):
-        assert len(saved) == len(loaded), where
-        for i, (a, b) in enumerate(zip(saved, loaded)):
-            _assert_same(a, b, f"{where}[{i}]")
-    elif torch.is_tensor(saved):
-        assert torch.equal(saved, loaded), where
-    else:
-        assert saved == loaded, where
 
 
 def save_after_training(stage: int, optimizer: str, path: str, continued_path: str) -> None:
@@ -56,7 +41,7 @@ def load_and_continue(stage: int, optimizer: str, path: str, continued_path: str
     engine = ZeroEngine(model, opt, ZeroConfig(stage=stage, bucket_numel=150))
     saved = torch.load(path, weights_only=True)
     engine.load_full_state_dict(saved)
-    _assert_same(saved, engine.full_state_dict())
+    assert_same(saved, engine.full_state_dict())
     _continue(engine, model, optimizer)
     engine.materialize_module()
     expected = torch.load(continued_path, weights_only=True)
@@ -132,7 +117,7 @@ def test_local_states_consolidate_in_one_process(pools, stage, precision, world_
 
     results = pools(world_size).run(local_states, stage, precision)
     consolidated = consolidate([r["local"] for r in reversed(results)])  # any order
-    _assert_same(results[0]["full"], consolidated)
+    assert_same(results[0]["full"], consolidated)
     assert not any(r["local"]["whole"] for r in results[1:])  # unsharded parameters are kept once
     with pytest.raises(ValueError, match="every rank"):
         consolidate([r["local"] for r in results[1:]])

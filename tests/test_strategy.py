@@ -13,7 +13,7 @@ from lightning.pytorch.strategies.launchers import _MultiProcessingLauncher, _Su
 import lightning_zero  # noqa: F401 - registers the names
 from lightning_zero import ZeroPrecision, ZeroStrategy
 from tests.dist_pool import RankError
-from tests.lit_helpers import LitTiny, loader, trainer
+from tests.lit_helpers import LitLoops, LitTiny, loader, trainer
 
 NAMES = {
     "zero1": (1, _SubprocessScriptLauncher, None),
@@ -78,19 +78,6 @@ def test_explicit_zero_precision_is_kept() -> None:
     assert fit.strategy.precision_plugin is plugin
     with pytest.raises(ValueError, match="not supported by ZeRO"):
         ZeroPrecision("64-true")  # type: ignore[arg-type]
-
-
-class LitLoops(LitTiny):
-    """LitTiny with validation, test and predict loops."""
-
-    def validation_step(self, batch: Any, batch_idx: int) -> None:
-        self.log("val_loss", self.training_step(batch, batch_idx), sync_dist=True)
-
-    def test_step(self, batch: Any, batch_idx: int) -> None:
-        self.log("test_loss", self.training_step(batch, batch_idx), sync_dist=True)
-
-    def predict_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
-        return self.net(batch[0])
 
 
 def fit_then_loops_then_fit_again(stage: int) -> dict[str, Any]:
@@ -182,38 +169,6 @@ def test_spawn_returns_trained_weights_to_the_parent() -> None:
         worst = max(relative_errors(results[name], reference).values())
         print(f"{name} parity in the parent: {worst:.2e}")
         assert worst <= 1e-5
-
-
-def checkpoint_and_resume(tmp: str) -> float:
-    """Save after 4 steps and resume to 8, under ddp and under ZeRO (saved in stage 2, resumed in stage 1):
-    the interim checkpoint (whole optimizer state) resumes like ddp's."""
-    import os
-
-    from lightning.pytorch.strategies import DDPStrategy
-
-    from tests.helpers import relative_errors
-
-    finals = {}
-    for name, first, second in (
-        ("ddp", DDPStrategy(find_unused_parameters=True), DDPStrategy(find_unused_parameters=True)),
-        ("zero", ZeroStrategy(stage=2, bucket_numel=150), ZeroStrategy(stage=1, bucket_numel=150)),
-    ):
-        path = os.path.join(tmp, f"{name}.ckpt")
-        start = trainer(first, enable_checkpointing=True, default_root_dir=tmp, max_steps=4, max_epochs=3)
-        start.fit(LitTiny("adamw", schedule=True), loader(8, 1))
-        start.save_checkpoint(path)
-        resumed = LitTiny("adamw", schedule=True)
-        again = trainer(second, max_steps=10, max_epochs=3)
-        again.fit(resumed, loader(8, 1), ckpt_path=path)
-        assert again.global_step == 10 and resumed.counts["optimizer_step"] == 6, (again.global_step, resumed.counts)
-        finals[name] = resumed.net
-    return max(relative_errors(finals["zero"], finals["ddp"]).values())
-
-
-def test_checkpoint_save_and_resume_through_the_trainer(pools, tmp_path) -> None:
-    worst = max(pools(2).run(checkpoint_and_resume, str(tmp_path)))
-    print(f"resume through Trainer against ddp (stage 2 -> stage 1): {worst:.2e}")
-    assert worst <= 1e-5
 
 
 class UnevenLoops(LitLoops):

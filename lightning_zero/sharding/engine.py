@@ -28,6 +28,7 @@ from lightning_zero.sharding.init import PendingChunk, pending_chunks
 from lightning_zero.sharding.layout import Bucket, ByModule, BySize, DtypeSlots, Layout, plan_layout
 from lightning_zero.sharding.optimizer import ShardedOptimizer
 from lightning_zero.sharding.parameters import ParameterSharder, module_units
+from lightning_zero.sharding.state import FullSource, StateSource
 
 __all__ = ["ZeroEngine"]
 
@@ -412,34 +413,45 @@ class ZeroEngine:
 
     def load_full_state_dict(self, state: Mapping[str, Any]) -> None:
         """Restore from a ``full_state_dict()`` saved on any world size; each rank keeps its slices."""
-        saved = state["params"]
+        self.load_state(FullSource(state), optimizer="optimizer" in state)
+
+    def check_source(self, source: StateSource, optimizer: bool = True) -> None:
+        """Raise, before anything is written, unless ``source`` holds this model (and optimizer)."""
         names = {record.fqn for record in self.layout.params}
-        missing = sorted(names - saved.keys())
-        unexpected = sorted(saved.keys() - names - {a for r in self.layout.params for a in r.aliases})
+        aliases = {a for r in self.layout.params for a in r.aliases}
+        missing = sorted(names - source.shapes.keys())
+        unexpected = sorted(source.shapes.keys() - names - aliases)
         if missing or unexpected:
             raise ValueError(f"parameter names differ: missing {missing[:5]}, unexpected {unexpected[:5]}")
+        for record in self.layout.params:
+            saved = tuple(source.shapes[record.fqn])
+            if saved != tuple(record.shape):
+                raise ValueError(f"{record.fqn}: saved shape {saved} != model shape {tuple(record.shape)}")
+        if optimizer:
+            if source.param_groups is None:
+                raise ValueError("the saved state holds no optimizer state (saved weights only)")
+            self.optimizer.check_param_groups(source.param_groups)
+
+    def load_state(self, source: StateSource, optimizer: bool = True) -> None:
+        """Restore parameters (and optimizer state) from ``source``, saved on any world size and stage:
+        each rank reads only the ranges it keeps. No collective. Checked whole before anything changes."""
+        self.check_source(source, optimizer)
         sharded = self._sharded_params
         with torch.no_grad():
             for record in self.layout.params:
-                value = saved[record.fqn]
-                if tuple(value.shape) != tuple(record.shape):
-                    raise ValueError(
-                        f"{record.fqn}: saved shape {tuple(value.shape)} != model shape {tuple(record.shape)}"
-                    )
                 if record.index not in sharded:
-                    self.params[record.index].copy_(value)
+                    self.params[record.index].copy_(source.param(record.fqn, 0, record.numel).view(record.shape))
             for bucket in self.layout.buckets:
                 targets = [t for t in (self.param_shards.get(bucket.index), self.masters.get(bucket.index))
                            if t is not None]
-                for piece in self.layout.shard_slices(bucket, self.rank):
-                    flat = saved[self.layout.params[piece.param].fqn].reshape(-1)
+                for piece in self.layout.shard_slices(bucket, self.rank) if targets else ():
+                    value = source.param(self.layout.params[piece.param].fqn, piece.start, piece.numel)
                     for target in targets:
-                        target.narrow(0, piece.shard_offset, piece.numel).copy_(
-                            flat.narrow(0, piece.start, piece.numel))
+                        target.narrow(0, piece.shard_offset, piece.numel).copy_(value)
         if self.sharder is not None:
             self.sharder.refresh_persistent()
-        if "optimizer" in state:
-            self.optimizer.load_full_state_dict(state["optimizer"])
+        if optimizer:
+            self.optimizer.load_state(source)
 
     @property
     def _sharded_params(self) -> set[int]:

@@ -16,6 +16,7 @@ from torch import optim
 
 from lightning_zero.sharding.collectives import all_gather_flat, all_gather_objects, settle
 from lightning_zero.sharding.layout import Layout, ShardSlice
+from lightning_zero.sharding.state import FullSource, StateSource
 
 __all__ = ["ELEMENTWISE_OPTIMIZERS", "ShardedOptimizer", "check_elementwise"]
 
@@ -104,7 +105,7 @@ class ShardedOptimizer:
                     views.append(master)
             group["params"] = views
         optimizer.state.clear()
-        self._restore_slices(existing)
+        self._restore_slices(FullSource({"optimizer": {"state": existing}}))
         self._stepping = False
         self._guard = optimizer.register_step_pre_hook(self._refuse_direct_step)
 
@@ -188,15 +189,15 @@ class ShardedOptimizer:
                         record = self.layout.params[index]
                         state[record.fqn][key] = full.narrow(0, record.offset, record.numel).view(
                             record.shape).clone()
-        groups = [
-            {**{k: v for k, v in g.items() if k != "params"}, "params": list(names)}
-            for g, names in zip(self.optimizer.param_groups, self.param_fqns)
-        ]
-        return {"state": state, "param_groups": groups}
+        return {"state": state, "param_groups": self.param_groups()}
 
-    def load_full_state_dict(self, full: Mapping[str, Any]) -> None:
-        """Take this rank's slices out of a ``full_state_dict()`` saved on any world size (no collective)."""
-        groups = full["param_groups"]
+    def param_groups(self) -> list[dict[str, Any]]:
+        """The param groups' settings, each with the FQNs of its parameters in place of tensors."""
+        return [{**{k: v for k, v in g.items() if k != "params"}, "params": list(names)}
+                for g, names in zip(self.optimizer.param_groups, self.param_fqns)]
+
+    def check_param_groups(self, groups: Sequence[Mapping[str, Any]]) -> None:
+        """Raise unless saved ``groups`` hold the same parameters, group by group, as this optimizer."""
         if len(groups) != len(self.optimizer.param_groups):
             raise ValueError(
                 f"the saved optimizer has {len(groups)} param groups, this one {len(self.optimizer.param_groups)}"
@@ -207,26 +208,32 @@ class ShardedOptimizer:
                     f"param group {index} holds different parameters than the saved one; "
                     f"first differences: {sorted(set(saved['params']) ^ set(names))[:3]}"
                 )
+
+    def load_full_state_dict(self, full: Mapping[str, Any]) -> None:
+        """Take this rank's slices out of a ``full_state_dict()`` saved on any world size (no collective)."""
+        self.load_state(FullSource({"optimizer": full}))
+
+    def load_state(self, source: StateSource) -> None:
+        """Restore settings and this rank's slices of the state from ``source`` (no collective)."""
+        groups = source.param_groups
+        if groups is None:
+            raise ValueError("the saved state holds no optimizer state (saved weights only)")
+        self.check_param_groups(groups)
         for group, saved in zip(self.optimizer.param_groups, groups):
             group.update({k: v for k, v in saved.items() if k != "params"})
         self.optimizer.state.clear()
-        self._restore_slices(full["state"])
+        self._restore_slices(source)
 
-    def _restore_slices(self, state: Mapping[str, Mapping[str, Any]]) -> None:
-        """Give each of this rank's slices its part of whole-parameter ``state`` (keyed by FQN)."""
+    def _restore_slices(self, source: StateSource) -> None:
+        """Give each of this rank's slices its part of the saved state."""
         for entries in self.entries.values():
             for piece, master, _ in entries:
-                values = state.get(self.layout.params[piece.param].fqn)
-                if not values:
-                    continue
-                restored: dict[str, Any] = {}
-                for key, value in values.items():
-                    if torch.is_tensor(value) and value.dim() > 0:
-                        flat = value.reshape(-1).narrow(0, piece.start, piece.numel)
-                        restored[key] = flat.to(device=master.device, copy=True)
-                    else:
-                        restored[key] = value.clone() if torch.is_tensor(value) else value
-                self.optimizer.state[master] = restored
+                values = source.optimizer_state(self.layout.params[piece.param].fqn, piece.start, piece.numel)
+                if values:
+                    self.optimizer.state[master] = {
+                        key: value.to(device=master.device, copy=True) if torch.is_tensor(value) else value
+                        for key, value in values.items()
+                    }
 
     def remove_hooks(self) -> None:
         """Stop refusing direct steps (the engine is being torn down)."""

@@ -1,32 +1,145 @@
 """Sharded model state: each rank's own slices, keyed by parameter name and element range, so a set of
 them can be consolidated into one whole state dict without ``torch.distributed`` and reloaded on any
-world size or stage. The groundwork for sharded checkpoints.
+world size or stage.
+
+Loading goes through a *source*: anything that answers "elements [start, start + numel) of parameter
+``fqn``, and the optimizer state of those elements". A whole state dict is one source (``FullSource``);
+the saved slices of some other world size are another (``PieceSource``, which stitches the overlapping
+slices together). The engine asks every source the same questions, so restoring from a whole dict, from
+a sharded checkpoint of any world size, or consolidating one, is one code path.
+
+Worked example: saved on 2 ranks, parameter ``w`` of 6 elements split as rank 0 [0, 4), rank 1 [4, 6);
+loading on 3 ranks, rank 1 owns [2, 4) of ``w`` and reads it from saved rank 0 alone, rank 2 owns [4, 6)
+and reads saved rank 1 alone.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 
 if TYPE_CHECKING:
     from lightning_zero.sharding.engine import ZeroEngine
 
-__all__ = ["FORMAT", "consolidate", "local_state_dict"]
+__all__ = [
+    "FORMAT",
+    "FullSource",
+    "Piece",
+    "PieceSource",
+    "StateSource",
+    "consolidate",
+    "local_state_dict",
+    "to_full_state_dict",
+]
 
 FORMAT = "lightning_zero.local_state/1"
 
 
-def local_state_dict(engine: ZeroEngine) -> dict[str, Any]:
+def _is_vector(value: Any) -> bool:
+    """Element-wise optimizer state (sliced with its parameter) as opposed to a scalar such as ``step``."""
+    return torch.is_tensor(value) and value.dim() > 0
+
+
+class StateSource(Protocol):
+    """Saved parameters and optimizer state, readable by element range of each flattened parameter."""
+
+    shapes: Mapping[str, torch.Size]
+    param_groups: list[dict[str, Any]] | None
+
+    def param(self, fqn: str, start: int, numel: int) -> torch.Tensor:
+        """Elements ``[start, start + numel)`` of the flattened parameter ``fqn`` (1-D, CPU)."""
+        ...
+
+    def optimizer_state(self, fqn: str, start: int, numel: int) -> dict[str, Any]:
+        """The optimizer state of those elements: element-wise tensors sliced, scalars as saved; {} if none."""
+        ...
+
+
+class FullSource:
+    """A ``ZeroEngine.full_state_dict()``-format dict (whole tensors keyed by FQN) as a source."""
+
+    def __init__(self, state: Mapping[str, Any]) -> None:
+        self.params: Mapping[str, torch.Tensor] = state.get("params", {})
+        self.shapes = {fqn: value.shape for fqn, value in self.params.items()}
+        optimizer = state.get("optimizer") or {}
+        self.optimizer: Mapping[str, Mapping[str, Any]] = optimizer.get("state", {})
+        self.param_groups = optimizer.get("param_groups")
+
+    def param(self, fqn: str, start: int, numel: int) -> torch.Tensor:
+        return self.params[fqn].reshape(-1).narrow(0, start, numel)
+
+    def optimizer_state(self, fqn: str, start: int, numel: int) -> dict[str, Any]:
+        return {key: value.reshape(-1).narrow(0, start, numel) if _is_vector(value) else value
+                for key, value in (self.optimizer.get(fqn) or {}).items()}
+
+
+@dataclass(frozen=True)
+class Piece:
+    """One saved slice: elements ``[start, start + numel)`` of a flattened parameter; ``read()`` returns
+    ``{"param": 1-D tensor, "optimizer": {key: tensor or scalar}}`` (from memory or a file)."""
+
+    start: int
+    numel: int
+    read: Callable[[], Mapping[str, Any]]
+
+
+class PieceSource:
+    """Slices saved on some world size, stitched into whatever ranges the loading rank owns."""
+
+    def __init__(self, shapes: Mapping[str, Sequence[int]], pieces: Mapping[str, list[Piece]],
+                 param_groups: list[dict[str, Any]] | None, origin: str = "the saved state") -> None:
+        self.shapes = {fqn: torch.Size(shape) for fqn, shape in shapes.items()}
+        self.pieces = {fqn: sorted(found, key=lambda p: p.start) for fqn, found in pieces.items()}
+        self.param_groups = param_groups
+        self.origin = origin
+        for fqn, shape in self.shapes.items():
+            covered = 0
+            for piece in self.pieces.get(fqn, []):
+                if piece.start != covered:
+                    break
+                covered += piece.numel
+            if covered != shape.numel():
+                raise ValueError(f"{origin} does not cover parameter {fqn!r}: elements from {covered} of "
+                                 f"{shape.numel()} are in no saved slice")
+
+    def _overlaps(self, fqn: str, start: int, numel: int) -> list[tuple[Mapping[str, Any], int, int, int]]:
+        """(saved piece, offset in it, offset in the request, count) for each piece overlapping the range."""
+        found = []
+        for piece in self.pieces[fqn]:
+            lo, hi = max(start, piece.start), min(start + numel, piece.start + piece.numel)
+            if lo < hi:
+                found.append((piece.read(), lo - piece.start, lo - start, hi - lo))
+        return found
+
+    def param(self, fqn: str, start: int, numel: int) -> torch.Tensor:
+        parts = self._overlaps(fqn, start, numel)
+        out = torch.empty(numel, dtype=parts[0][0]["param"].dtype)
+        for saved, at, to, count in parts:
+            out.narrow(0, to, count).copy_(saved["param"].narrow(0, at, count))
+        return out
+
+    def optimizer_state(self, fqn: str, start: int, numel: int) -> dict[str, Any]:
+        state: dict[str, Any] = {}
+        for saved, at, to, count in self._overlaps(fqn, start, numel):
+            for key, value in saved["optimizer"].items():
+                if _is_vector(value):
+                    state.setdefault(key, torch.empty(numel, dtype=value.dtype)).narrow(0, to, count).copy_(
+                        value.narrow(0, at, count))
+                else:
+                    state.setdefault(key, value)
+        return state
+
+
+def local_state_dict(engine: ZeroEngine, optimizer: bool = True) -> dict[str, Any]:
     """This rank's part of the state, on CPU, with no collective: every slice of a flattened parameter it
-    owns (at master precision) with that slice's optimizer state, and, on the group's first rank, the
-    parameters that are not sharded."""
+    owns (at master precision), with that slice's optimizer state unless ``optimizer`` is False, and, on
+    the group's first rank, the parameters that are not sharded."""
     pieces = []
-    optimizer = engine.optimizer
-    states = {id(master): optimizer.optimizer.state.get(master, {}) for entries in optimizer.entries.values()
-              for _, master, _ in entries}
-    masters = {(bucket, piece.param): master for bucket, entries in optimizer.entries.items()
+    sharded = engine.optimizer
+    masters = {(bucket, piece.param): master for bucket, entries in sharded.entries.items()
                for piece, master, _ in entries}
     for bucket in engine.layout.buckets:
         if not engine._is_flat(bucket):
@@ -35,11 +148,10 @@ def local_state_dict(engine: ZeroEngine) -> dict[str, Any]:
         if source is None:
             source = engine.param_shards[bucket.index]
         for piece in engine.layout.shard_slices(bucket, engine.rank):
-            record = engine.layout.params[piece.param]
             master = masters.get((bucket.index, piece.param))
-            state = states.get(id(master), {}) if master is not None else {}
+            state = sharded.optimizer.state.get(master, {}) if optimizer and master is not None else {}
             pieces.append({
-                "fqn": record.fqn,
+                "fqn": engine.layout.params[piece.param].fqn,
                 "start": piece.start,
                 "numel": piece.numel,
                 "param": source.narrow(0, piece.shard_offset, piece.numel).to("cpu", copy=True),
@@ -52,8 +164,6 @@ def local_state_dict(engine: ZeroEngine) -> dict[str, Any]:
             if not engine._is_flat(bucket):
                 for index in bucket.params:
                     whole[engine.layout.params[index].fqn] = engine.params[index].detach().to("cpu", copy=True)
-    groups = [{**{k: v for k, v in g.items() if k != "params"}, "params": list(names)}
-              for g, names in zip(optimizer.optimizer.param_groups, optimizer.param_fqns)]
     return {
         "format": FORMAT,
         "rank": engine.rank,
@@ -63,11 +173,52 @@ def local_state_dict(engine: ZeroEngine) -> dict[str, Any]:
         "aliases": {r.fqn: list(r.aliases) for r in engine.layout.params if r.aliases},
         "pieces": pieces,
         "whole": whole,
-        "param_groups": groups,
+        "param_groups": sharded.param_groups() if optimizer else None,
     }
 
 
-def consolidate(states: Sequence[dict[str, Any]]) -> dict[str, Any]:
+def pieces_of(state: Mapping[str, Any], read: Callable[[str, int | str], Mapping[str, Any]] | None = None,
+              ) -> dict[str, list[Piece]]:
+    """The ``Piece``s one ``local_state_dict()`` holds, keyed by FQN. ``read(fqn, position)`` fetches a
+    piece lazily (position: index in ``pieces``, or "whole"); by default from ``state`` itself."""
+    def reader(fqn: str, position: int | str) -> Callable[[], Mapping[str, Any]]:
+        if read is not None:
+            return lambda: read(fqn, position)
+        if position == "whole":
+            return lambda: {"param": state["whole"][fqn].reshape(-1), "optimizer": {}}
+        return lambda: state["pieces"][position]
+
+    found: dict[str, list[Piece]] = {}
+    for position, piece in enumerate(state["pieces"]):
+        found.setdefault(piece["fqn"], []).append(Piece(piece["start"], piece["numel"],
+                                                        reader(piece["fqn"], position)))
+    for fqn, value in state["whole"].items():
+        found.setdefault(fqn, []).append(Piece(0, value.numel(), reader(fqn, "whole")))
+    return found
+
+
+def to_full_state_dict(source: StateSource, aliases: Mapping[str, Sequence[str]] | None = None,
+                       optimizer: bool = True) -> dict[str, Any]:
+    """The whole state (``ZeroEngine.full_state_dict()`` format) a source holds, on CPU."""
+    params: dict[str, torch.Tensor] = {}
+    state: dict[str, dict[str, Any]] = {}
+    for fqn, shape in source.shapes.items():
+        params[fqn] = source.param(fqn, 0, shape.numel()).reshape(shape).clone()
+        if optimizer:
+            values = source.optimizer_state(fqn, 0, shape.numel())
+            if values:
+                state[fqn] = {key: value.reshape(shape) if _is_vector(value) else value
+                              for key, value in values.items()}
+    for fqn, names in (aliases or {}).items():
+        for alias in names:
+            params[alias] = params[fqn]
+    full: dict[str, Any] = {"params": params}
+    if optimizer:
+        full["optimizer"] = {"state": state, "param_groups": source.param_groups}
+    return full
+
+
+def consolidate(states: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
     """One whole state dict (the ``ZeroEngine.full_state_dict()`` format) from every rank's
     ``local_state_dict()``, in one process, without ``torch.distributed``."""
     if not states or any(s.get("format") != FORMAT for s in states):
@@ -76,30 +227,9 @@ def consolidate(states: Sequence[dict[str, Any]]) -> dict[str, Any]:
     ranks = sorted(s["rank"] for s in states)
     if ranks != list(range(world)):
         raise ValueError(f"need the state of every rank 0..{world - 1}, got ranks {ranks}")
-    shapes = {fqn: torch.Size(shape) for fqn, shape in states[0]["shapes"].items()}
-    params: dict[str, torch.Tensor] = {}
-    optimizer_state: dict[str, dict[str, Any]] = {}
-    filled: dict[str, int] = {}
+    pieces: dict[str, list[Piece]] = {}
     for state in states:
-        params.update(state["whole"])
-        for piece in state["pieces"]:
-            fqn, start, numel = piece["fqn"], piece["start"], piece["numel"]
-            flat = params.setdefault(fqn, torch.empty(shapes[fqn], dtype=piece["param"].dtype)).view(-1)
-            flat.narrow(0, start, numel).copy_(piece["param"])
-            filled[fqn] = filled.get(fqn, 0) + numel
-            for key, value in piece["optimizer"].items():
-                slot = optimizer_state.setdefault(fqn, {})
-                if torch.is_tensor(value) and value.dim() > 0:
-                    whole = slot.setdefault(key, torch.zeros(shapes[fqn], dtype=value.dtype)).view(-1)
-                    whole.narrow(0, start, numel).copy_(value)
-                else:
-                    slot[key] = value
-    incomplete = [fqn for fqn, count in filled.items() if count != shapes[fqn].numel()]
-    missing = [fqn for fqn in shapes if fqn not in params]
-    if incomplete or missing:
-        raise ValueError(f"the rank states do not cover every parameter: incomplete {incomplete[:3]}, "
-                         f"missing {missing[:3]}")
-    for fqn, aliases in states[0]["aliases"].items():
-        for alias in aliases:
-            params[alias] = params[fqn]
-    return {"params": params, "optimizer": {"state": optimizer_state, "param_groups": states[0]["param_groups"]}}
+        for fqn, found in pieces_of(state).items():
+            pieces.setdefault(fqn, []).extend(found)
+    source = PieceSource(states[0]["shapes"], pieces, states[0]["param_groups"], "the rank states")
+    return to_full_state_dict(source, states[0]["aliases"], optimizer=states[0]["param_groups"] is not None)

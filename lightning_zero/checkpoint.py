@@ -1,0 +1,348 @@
+"""Sharded checkpoints: one directory in which every rank writes its own slices, committed atomically.
+
+[Note: sharded checkpoint layout and commit]
+A checkpoint ``PATH`` is a directory::
+
+    PATH/CHECKPOINT.json                      the manifest, and the commit marker: written last
+    PATH/v-<id>/meta.pt                       rank 0: Lightning's checkpoint dict (loops, callbacks, LR
+                                              schedulers, precision, hyper-parameters, buffers)
+    PATH/v-<id>/rank-00000-of-00002.pt        each rank: its parameter slices and their optimizer state
+
+Saving writes a fresh ``v-<id>`` next to whatever is there. After every rank has written, fsynced and
+reported its file's size and CRC-32, rank 0 writes ``meta.pt``, then the manifest to a temporary name and
+``os.replace``s it over ``CHECKPOINT.json`` (atomic on POSIX), then deletes the old version. So a save
+killed at any moment leaves ``CHECKPOINT.json`` pointing at one complete version, old or new, and
+overwriting ``last.ckpt`` never mixes old metadata with new shards. Leftovers of a killed save are
+removed by the next save to that path. Loading checks every listed file's size and CRC-32 first and names
+the file that is missing, truncated or corrupt.
+
+Why not ``torch.distributed.checkpoint`` (DCP): DCP describes a saved chunk as a box in a tensor's shape,
+but a flat ZeRO shard cuts parameters at arbitrary element offsets (see [Note: flat contiguous shards]),
+so every slice would have to be re-keyed as its own flattened tensor and the overlap planning for
+resharding done here anyway, leaving DCP as a file writer; the commit protocol above sits outside it too,
+and consolidation must run in one process without ``torch.distributed`` and name a broken file. The files
+here are plain ``torch.save`` zip archives, read back with ``mmap=True`` so a rank touches only the slices
+it needs.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import uuid
+import zlib
+from collections.abc import Callable, Mapping
+from datetime import timedelta
+from functools import cached_property
+from typing import IO, Any
+
+import torch
+import torch.distributed as dist
+from torch.distributed import ProcessGroup
+
+from lightning_zero.sharding.collectives import all_gather_objects
+from lightning_zero.sharding.state import Piece, PieceSource, to_full_state_dict
+
+__all__ = [
+    "CheckpointError",
+    "agree",
+    "ShardedCheckpoint",
+    "consolidate_checkpoint",
+    "is_sharded_checkpoint",
+    "save_sharded",
+]
+
+FORMAT = "lightning-zero/sharded-checkpoint/1"
+MANIFEST = "CHECKPOINT.json"
+META = "meta.pt"
+_VERSION = re.compile(r"^v-[0-9a-f]{12}$")
+_TEMPORARY = re.compile(r"^\.CHECKPOINT\.json\.v-[0-9a-f]{12}\.tmp$")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be read or does not fit: the message names the file and the mismatch."""
+
+
+def rank_file(rank: int, world_size: int) -> str:
+    return f"rank-{rank:05d}-of-{world_size:05d}.pt"
+
+
+def is_sharded_checkpoint(path: str | os.PathLike[str]) -> bool:
+    """Whether ``path`` is a committed lightning-zero sharded checkpoint directory."""
+    return os.path.isdir(path) and os.path.isfile(os.path.join(path, MANIFEST))
+
+
+def _crc32(path: str) -> int:
+    crc = 0
+    with open(path, "rb") as f:
+        while block := f.read(1 << 22):
+            crc = zlib.crc32(block, crc)
+    return crc
+
+
+def _write_durably(path: str, write: Callable[[IO[bytes]], None]) -> dict[str, int]:
+    """Write a file and flush it to disk; its size and CRC-32 for the manifest."""
+    with open(path, "wb") as f:
+        write(f)
+        f.flush()
+        os.fsync(f.fileno())
+    return {"bytes": os.path.getsize(path), "crc32": _crc32(path)}
+
+
+def _fsync_dir(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _arrive(group: ProcessGroup | None, timeout: timedelta, what: str) -> None:
+    """Every rank must call ``what``: a clear error naming the missing ranks instead of a hang."""
+    try:
+        dist.monitored_barrier(group=group, timeout=timeout, wait_all_ranks=True)
+    except RuntimeError as exc:
+        raise RuntimeError(
+            f"{what} is a collective under ZeroStrategy: call it on every rank, not only under "
+            f"`if trainer.is_global_zero` ({exc})"
+        ) from exc
+
+
+def agree(error: str | None, group: ProcessGroup | None) -> None:
+    """Raise on every rank the first error any rank met, so no rank goes on to wait for the others."""
+    errors = [e for e in all_gather_objects(error, group) if e]
+    if errors:
+        raise CheckpointError(errors[0])
+
+
+def _prepare_directory(path: str, version: str) -> None:
+    """Rank 0: make ``path`` a checkpoint directory that can take a new version, without touching a
+    committed one. Refuses a directory holding anything but checkpoint files."""
+    if os.path.isfile(path):
+        os.replace(path, f"{path}.replaced-{version}")  # a single-file checkpoint being overwritten
+    os.makedirs(path, exist_ok=True)
+    foreign = [name for name in os.listdir(path)
+               if name != MANIFEST and not _VERSION.match(name) and not _TEMPORARY.match(name)]
+    if foreign:
+        raise CheckpointError(
+            f"{path} exists and holds {sorted(foreign)[:3]}, which are not lightning-zero checkpoint files; "
+            "refusing to write a checkpoint into it. Choose another path or remove it."
+        )
+    os.makedirs(os.path.join(path, version))
+
+
+def _collect_garbage(path: str, keep: str) -> None:
+    """Rank 0, after a commit: drop old versions and leftovers of killed saves."""
+    for name in os.listdir(path):
+        if name != keep and (_VERSION.match(name) or _TEMPORARY.match(name)):
+            target = os.path.join(path, name)
+            shutil.rmtree(target) if os.path.isdir(target) else os.remove(target)
+    for name in os.listdir(os.path.dirname(path) or "."):
+        if name.startswith(os.path.basename(path) + ".replaced-"):
+            os.remove(os.path.join(os.path.dirname(path), name))
+
+
+def save_sharded(
+    path: str | os.PathLike[str],
+    local_state: Mapping[str, Any],
+    meta: Mapping[str, Any] | None,
+    group: ProcessGroup | None,
+    timeout: timedelta,
+    manifest: Mapping[str, Any],
+) -> None:
+    """Write one sharded checkpoint: every rank's ``local_state`` (``local_state_dict()``), rank 0's
+    ``meta`` and ``manifest`` entries. A collective; atomic (see the note above); raises on every rank if
+    any rank fails, leaving the previous checkpoint at ``path`` as it was."""
+    rank, world = dist.get_rank(group), dist.get_world_size(group)
+    _arrive(group, timeout, "trainer.save_checkpoint()")
+    path = os.path.abspath(os.fspath(path))
+    agreed = all_gather_objects((path, f"v-{uuid.uuid4().hex[:12]}"), group)
+    if len({p for p, _ in agreed}) != 1:
+        raise CheckpointError(f"ranks save to different paths {sorted({p for p, _ in agreed})}; pass the same "
+                              "path on every rank")
+    version = agreed[0][1]
+    error = None
+    if rank == 0:
+        try:
+            _prepare_directory(path, version)
+        except Exception as exc:  # noqa: BLE001 - reported on every rank below
+            error = f"cannot save checkpoint {path}: {exc}"
+    agree(error, group)
+
+    staging = os.path.join(path, version)
+    entry, error = None, None
+    try:
+        name = rank_file(rank, world)
+        written = _write_durably(os.path.join(staging, name), lambda f: torch.save(dict(local_state), f))
+        entry = {"file": name, **written,
+                 "pieces": [[p["fqn"], p["start"], p["numel"]] for p in local_state["pieces"]],
+                 "whole": {fqn: value.numel() for fqn, value in local_state["whole"].items()}}
+    except Exception as exc:  # noqa: BLE001 - reported on every rank below
+        error = f"rank {rank} could not write its part of checkpoint {path}: {type(exc).__name__}: {exc}"
+    entries = all_gather_objects(entry, group)
+    if error is not None or any(e is None for e in entries):
+        if rank == 0:
+            shutil.rmtree(staging, ignore_errors=True)
+    agree(error, group)
+
+    if rank == 0:
+        try:
+            assert meta is not None
+            written = _write_durably(os.path.join(staging, META), lambda f: torch.save(dict(meta), f))
+            document = {"format": FORMAT, "version": version, "world_size": world, **manifest,
+                        "meta": {"file": META, **written}, "ranks": entries}
+            temporary = os.path.join(path, f".{MANIFEST}.{version}.tmp")
+            _write_durably(temporary, lambda f: f.write(json.dumps(document, indent=1).encode()))
+            _fsync_dir(staging)
+            os.replace(temporary, os.path.join(path, MANIFEST))  # the commit
+            _fsync_dir(path)
+            _collect_garbage(path, keep=version)
+        except Exception as exc:  # noqa: BLE001 - reported on every rank below
+            error = f"could not commit checkpoint {path}: {type(exc).__name__}: {exc}"
+    agree(error, group)
+
+
+class ShardedCheckpoint:
+    """A committed sharded checkpoint, read lazily: manifest first, then only the files asked for."""
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        self.path = os.path.abspath(os.fspath(path))
+        manifest = os.path.join(self.path, MANIFEST)
+        if not os.path.isdir(self.path):
+            raise CheckpointError(f"{self.path} is not a lightning-zero sharded checkpoint (not a directory)")
+        if not os.path.isfile(manifest):
+            raise CheckpointError(
+                f"{self.path} is not a lightning-zero sharded checkpoint: it has no {MANIFEST} (the commit "
+                "marker). If a first save to it was interrupted, no checkpoint was ever committed there."
+            )
+        try:
+            with open(manifest) as f:
+                self.manifest: dict[str, Any] = json.load(f)
+        except (OSError, ValueError) as exc:
+            raise CheckpointError(f"{manifest} is unreadable or corrupt: {exc}") from exc
+        if self.manifest.get("format") != FORMAT:
+            raise CheckpointError(f"{manifest} has format {self.manifest.get('format')!r}, expected {FORMAT!r}")
+        self.directory = os.path.join(self.path, self.manifest["version"])
+        self.world_size: int = self.manifest["world_size"]
+        self._ranks: dict[int, Mapping[str, Any]] = {}
+
+    def _files(self) -> list[dict[str, Any]]:
+        return [self.manifest["meta"], *self.manifest["ranks"]]
+
+    def check(self, verify: Callable[[int], bool] = lambda _: True) -> None:
+        """Raise naming the first listed file that is missing or truncated; for files where ``verify(i)``
+        holds (i: position in meta, rank 0, rank 1, ...), also check the CRC-32 (reads the file)."""
+        for position, entry in enumerate(self._files()):
+            file = os.path.join(self.directory, entry["file"])
+            if not os.path.isfile(file):
+                raise CheckpointError(f"checkpoint {self.path} is missing {file}")
+            size = os.path.getsize(file)
+            if size != entry["bytes"]:
+                raise CheckpointError(f"{file} is truncated or altered: {size} bytes, the manifest says "
+                                      f"{entry['bytes']}")
+            if verify(position) and _crc32(file) != entry["crc32"]:
+                raise CheckpointError(f"{file} is corrupt: its CRC-32 differs from the manifest's")
+
+    def _load(self, name: str, weights_only: bool) -> Any:
+        file = os.path.join(self.directory, name)
+        try:
+            return torch.load(file, map_location="cpu", mmap=True, weights_only=weights_only)
+        except Exception as exc:
+            raise CheckpointError(f"cannot read {file}: {type(exc).__name__}: {exc}") from exc
+
+    def load_meta(self) -> dict[str, Any]:
+        """Lightning's checkpoint dict without the sharded parts (full Python objects: trusted files only)."""
+        return self._load(META, weights_only=False)
+
+    def load_rank(self, rank: int) -> Mapping[str, Any]:
+        if rank not in self._ranks:
+            self._ranks[rank] = self._load(self.manifest["ranks"][rank]["file"], weights_only=True)
+        return self._ranks[rank]
+
+    @cached_property
+    def shapes(self) -> dict[str, tuple[int, ...]]:
+        return {fqn: tuple(shape) for fqn, shape in self.manifest["shapes"].items()}
+
+    @property
+    def has_optimizer(self) -> bool:
+        return bool(self.manifest.get("optimizer_state"))
+
+    def source(self, optimizer: bool) -> PieceSource:
+        """The saved slices as a ``StateSource``; files are opened when a range needs them."""
+        pieces: dict[str, list[Piece]] = {}
+        for rank, entry in enumerate(self.manifest["ranks"]):
+            for position, (fqn, start, numel) in enumerate(entry["pieces"]):
+                pieces.setdefault(fqn, []).append(
+                    Piece(start, numel, lambda r=rank, i=position: self.load_rank(r)["pieces"][i]))
+            for fqn, numel in entry["whole"].items():
+                pieces.setdefault(fqn, []).append(Piece(0, numel, lambda r=rank, n=fqn: {
+                    "param": self.load_rank(r)["whole"][n].reshape(-1), "optimizer": {}}))
+        groups = self.load_rank(0)["param_groups"] if optimizer and self.has_optimizer else None
+        return PieceSource(self.shapes, pieces, groups, origin=f"checkpoint {self.path}")
+
+
+def torch_optimizer_state(full: Mapping[str, Any]) -> dict[str, Any]:
+    """A whole optimizer state keyed by parameter name, in ``torch.optim.Optimizer.state_dict()`` form
+    (parameters numbered across groups in order), as Lightning's ``ddp`` saves and loads it."""
+    number: dict[str, int] = {}
+    groups = []
+    for group in full["param_groups"]:
+        names = list(group["params"])
+        for name in names:
+            number.setdefault(name, len(number))
+        groups.append({**group, "params": [number[name] for name in names]})
+    return {"state": {number[name]: dict(values) for name, values in full["state"].items()}, "param_groups": groups}
+
+
+def named_optimizer_state(state: Mapping[str, Any], names: list[list[str]]) -> dict[str, Any]:
+    """The inverse of ``torch_optimizer_state``: a ``torch.optim`` state dict keyed by the parameter names
+    of each group (``names``), as ``ShardedOptimizer.load_full_state_dict`` takes it."""
+    flat = [name for group in names for name in group]
+    numbers = [number for group in state["param_groups"] for number in group["params"]]
+    if len(numbers) != len(flat):
+        raise CheckpointError(f"the saved optimizer holds {len(numbers)} parameters, this one {len(flat)}")
+    name_of = dict(zip(numbers, flat))
+    groups = [{**group, "params": list(group_names)} for group, group_names in zip(state["param_groups"], names)]
+    return {"state": {name_of[n]: dict(values) for n, values in state["state"].items()}, "param_groups": groups}
+
+
+def consolidate_checkpoint(path: str | os.PathLike[str], optimizer: bool = False) -> dict[str, Any]:
+    """A plain Lightning checkpoint dict from a sharded one, in this process, without ``torch.distributed``:
+    ``state_dict`` holds whole fp32 tensors (master precision), so ``MyModule.load_from_checkpoint`` and
+    plain ``ddp`` load it. ``optimizer=True`` also consolidates the optimizer state (torch's format);
+    otherwise ``optimizer_states`` is dropped and the result is a weights-only checkpoint."""
+    checkpoint = ShardedCheckpoint(path)
+    checkpoint.check()
+    meta = checkpoint.load_meta()
+    if optimizer and not checkpoint.has_optimizer:
+        raise CheckpointError(f"checkpoint {checkpoint.path} was saved without optimizer state (weights only)")
+    full = to_full_state_dict(checkpoint.source(optimizer), checkpoint.manifest.get("aliases"), optimizer)
+    state_dict = dict(meta.get("state_dict", {}))
+    state_dict.update(full["params"])
+    meta["state_dict"] = state_dict
+    if optimizer:
+        meta["optimizer_states"] = [torch_optimizer_state(full["optimizer"])]
+    else:
+        meta.pop("optimizer_states", None)
+        meta.pop("lr_schedulers", None)
+    return meta
+
+
+def save_file_atomically(obj: Any, path: str | os.PathLike[str]) -> None:
+    """``torch.save`` to a temporary file beside ``path``, then rename over it: never half-written."""
+    path = os.fspath(path)
+    temporary = f"{path}.tmp-{uuid.uuid4().hex[:12]}"
+    try:
+        _write_durably(temporary, lambda f: torch.save(obj, f))
+        if os.path.isdir(path) and is_sharded_checkpoint(path):
+            aside = f"{path}.replaced-{uuid.uuid4().hex[:12]}"
+            os.replace(path, aside)
+            os.replace(temporary, path)
+            shutil.rmtree(aside)
+        else:
+            os.replace(temporary, path)
+    finally:
+        if os.path.exists(temporary):
+            os.remove(temporary)
