@@ -30,6 +30,9 @@ def _entry(rank: int, port: int, worker: Callable[[int, Any], Any], args: Any, o
     if hasattr(os, "sched_setaffinity") and len(os.sched_getaffinity(0)) >= WORLD:
         os.sched_setaffinity(0, {sorted(os.sched_getaffinity(0))[rank]})
     torch.set_num_threads(1)
+    # Look like a torchrun child, so a Lightning Trainer in this process joins the group below.
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE=str(WORLD), RANK=str(rank),
+                      LOCAL_RANK=str(rank), NODE_RANK="0", LOCAL_WORLD_SIZE=str(WORLD), CUDA_VISIBLE_DEVICES="")
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD)
     result = worker(rank, args)
     if rank == 0:

@@ -252,9 +252,10 @@ class ShardedCheckpoint:
         except Exception as exc:
             raise CheckpointError(f"cannot read {file}: {type(exc).__name__}: {exc}") from exc
 
-    def load_meta(self) -> dict[str, Any]:
-        """Lightning's checkpoint dict without the sharded parts (full Python objects: trusted files only)."""
-        return self._load(META, weights_only=False)
+    def load_meta(self, weights_only: bool = False) -> dict[str, Any]:
+        """Lightning's checkpoint dict without the sharded parts. It holds arbitrary Python objects
+        (hyper-parameters, callback state), so by default it is unpickled in full: load trusted files."""
+        return self._load(META, weights_only=weights_only)
 
     def load_rank(self, rank: int) -> Mapping[str, Any]:
         if rank not in self._ranks:

@@ -313,7 +313,7 @@ class ZeroStrategy(DDPStrategy):
         elif error:
             raise CheckpointError(error)
         assert checkpoint is not None
-        loaded = checkpoint.load_meta()
+        loaded = checkpoint.load_meta(weights_only=bool(weights_only))
         loaded[_SHARDS] = checkpoint
         return loaded
 
