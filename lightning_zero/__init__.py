@@ -16,6 +16,7 @@ from lightning_zero.config import PrecisionPolicy, ZeroConfig
 from lightning_zero.loss_scaler import DynamicLossScaler, LossScaleAtMinimumError
 from lightning_zero.memory import ModelStateBytes, model_state_bytes
 from lightning_zero.precision import ZeroPrecision
+from lightning_zero.report import MemoryEstimate, ZeroMeasurement, ZeroReport, estimate_memory
 from lightning_zero.sharding import ByModule, BySize, DtypeSlots, ZeroEngine, check_elementwise
 from lightning_zero.strategy import ZeroStrategy
 
@@ -31,15 +32,19 @@ __all__ = [
     "DtypeSlots",
     "DynamicLossScaler",
     "LossScaleAtMinimumError",
+    "MemoryEstimate",
     "ModelStateBytes",
     "PrecisionPolicy",
     "ShardedCheckpoint",
     "ZeroConfig",
     "ZeroEngine",
+    "ZeroMeasurement",
     "ZeroPrecision",
+    "ZeroReport",
     "ZeroStrategy",
     "check_elementwise",
     "consolidate_checkpoint",
+    "estimate_memory",
     "is_sharded_checkpoint",
     "model_state_bytes",
 ]

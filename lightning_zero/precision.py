@@ -1,17 +1,19 @@
 """ZeroPrecision: the Precision half of the ZeRO pair. It owns the dtype policy, autocast, fp16 loss
 scaling, and the order of one optimizer step: reduce (folding in 1/(N*scale)), check overflow globally,
-hooks and clipping over the shards, step the slices, all-gather."""
+hooks and clipping over the shards, step the slices, all-gather. A non-finite loss or gradient never
+reaches the weights: fp16 skips the step and shrinks the loss scale; other precisions raise or skip."""
 
 from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Literal
 
 import lightning.pytorch as pl
 import torch
 from lightning.fabric.utilities.types import Optimizable
 from lightning.pytorch.plugins.precision import Precision
+from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 from torch.optim import Optimizer
 from typing_extensions import override
@@ -51,6 +53,13 @@ class ZeroPrecision(Precision):
     ) -> None:
         self.policy = PrecisionPolicy.from_precision(precision, reduce_dtype, accumulate_dtype)
         self.precision = precision
+        knobs = {"initial_scale_power": (initial_scale_power, 16), "loss_scale_window": (loss_scale_window, 1000),
+                 "hysteresis": (hysteresis, 2), "consecutive_hysteresis": (consecutive_hysteresis, False),
+                 "min_loss_scale": (min_loss_scale, 1.0)}
+        changed = [name for name, (value, default) in knobs.items() if value != default]
+        if changed and not self.policy.needs_loss_scaling:
+            raise ValueError(f"{', '.join(changed)} tune fp16 loss scaling, which {precision!r} does not use: drop "
+                             "them, or use precision '16-mixed'")
         self.scaler = (
             DynamicLossScaler(initial_scale_power, loss_scale_window, hysteresis, consecutive_hysteresis,
                               min_loss_scale)
@@ -58,6 +67,10 @@ class ZeroPrecision(Precision):
         )
         self.device_type = "cpu"
         self.skipped_steps = 0
+        #: What a non-finite loss or gradient does outside fp16 loss scaling: "raise" (naming the step and
+        #: ranks) or "skip" the step on every rank. ``ZeroStrategy(nonfinite=...)`` sets it.
+        self.nonfinite: Literal["raise", "skip"] = "raise"
+        self._loss_nonfinite: Tensor | bool = False
         self._engines: dict[int, ZeroEngine] = {}
 
     # ------------------------------------------------------------------ binding
@@ -116,6 +129,7 @@ class ZeroPrecision(Precision):
     @override
     def pre_backward(self, tensor: Tensor, module: pl.LightningModule) -> Tensor:  # type: ignore[override]
         super().pre_backward(tensor, module)
+        self._loss_nonfinite = ~torch.isfinite(tensor.detach()).all() | self._loss_nonfinite  # no sync here
         if self.scaler is None:
             return tensor
         for engine in self._engines.values():
@@ -138,13 +152,22 @@ class ZeroPrecision(Precision):
         engine = self.engine_for(optimizer)
         closure_result = closure()
         engine.reduce_gradients()
+        loss_nonfinite, self._loss_nonfinite = self._loss_nonfinite, False
+        bad_loss, bad_grad = engine.nonfinite_ranks(loss_nonfinite)
         if self.scaler is not None:
-            overflow = engine.found_nonfinite_gradient()
-            self.scaler.update(overflow)
-            if overflow:
-                self.skipped_steps += 1
-                engine.skip_step()
-                return closure_result
+            self.scaler.update(bool(bad_loss or bad_grad))  # an overflow: skip, shrink the scale
+        if bad_loss or bad_grad:
+            self.skipped_steps += 1
+            engine.skip_step()  # weights and optimizer state untouched
+            if self.scaler is None:
+                message = _nonfinite_message(model, bad_loss, bad_grad)
+                if self.nonfinite == "raise":
+                    raise FloatingPointError(
+                        f"{message}; no weights were updated. Pass ZeroStrategy(nonfinite='skip') to skip such "
+                        "steps, or look for the cause (learning rate, data, a log of zero)."
+                    )
+                rank_zero_warn(f"{message}: step skipped on every rank (nonfinite='skip')")
+            return closure_result
         self._after_closure(model, optimizer)
         engine.step()
         return closure_result
@@ -170,6 +193,14 @@ class ZeroPrecision(Precision):
         self.skipped_steps = int(state_dict.get("skipped_steps", 0))
         if self.scaler is not None and "loss_scaler" in state_dict:
             self.scaler.load_state_dict(state_dict["loss_scaler"])
+
+
+def _nonfinite_message(model: pl.LightningModule, bad_loss: list[int], bad_grad: list[int]) -> str:
+    trainer = getattr(model, "_trainer", None)
+    step = f"optimizer step {trainer.global_step}" if trainer is not None else "this optimizer step"
+    if bad_loss:
+        return f"non-finite loss at {step} on rank(s) {bad_loss}"
+    return f"non-finite gradient at {step} (the loss was finite on every rank) in the shards of rank(s) {bad_grad}"
 
 
 def _cast_floats(data: Any, dtype: torch.dtype) -> Any:

@@ -6,6 +6,9 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
+import signal
+import subprocess
+import time
 from collections.abc import Generator, Mapping
 from datetime import timedelta
 from typing import Any, Literal
@@ -18,6 +21,7 @@ from lightning.fabric.plugins.collectives.torch_collective import default_pg_tim
 from lightning.fabric.strategies.registry import _StrategyRegistry
 from lightning.pytorch.plugins.precision import Precision
 from lightning.pytorch.strategies import DDPStrategy
+from lightning.pytorch.strategies.launchers import _SubprocessScriptLauncher
 from lightning.pytorch.trainer.states import TrainerFn, TrainerStatus
 from torch.distributed import ProcessGroup
 from torch.optim import Optimizer
@@ -42,6 +46,8 @@ __all__ = ["ZeroStrategy"]
 
 _PRECISIONS = ("32-true", "bf16-mixed", "16-mixed", "bf16-true", "16-true")
 _GENERIC_PLUGINS = ("Precision", "MixedPrecision", "HalfPrecision")
+_START_METHODS = ("popen", "spawn", "fork", "forkserver")
+_CHILD_GRACE_S = 2.0  # how long a failed fit's rank 0 lets child ranks exit on their own before killing them
 _SHARDS = "_lightning_zero_sharded_checkpoint"  # the open ShardedCheckpoint, in a loaded checkpoint dict
 
 
@@ -65,6 +71,10 @@ class ZeroStrategy(DDPStrategy):
             writes only its own slices, committed atomically; resumable on any world size and stage, and
             ``lightning_zero.consolidate_checkpoint`` turns it into one plain file. "full": one plain
             Lightning file, gathered whole on rank 0 (small models, or tools that expect a file).
+        nonfinite: a NaN or inf loss or gradient outside fp16 loss scaling "raise"s, naming the step and
+            the ranks, or "skip"s the step on every rank; either way no weight takes that step.
+        unit_numel: stage 3 only: a module without weights of its own (a transformer block) is gathered as
+            one unit when it holds at most this many elements (default 2**20).
         timeout: how long collectives wait before failing, as for ``DDPStrategy``.
         start_method: "popen" (subprocess, like ``ddp``), "spawn", "fork" (notebooks) or "forkserver".
     """
@@ -78,6 +88,8 @@ class ZeroStrategy(DDPStrategy):
         bucket_numel: int = 2**23,
         allow_unknown_optimizer: bool = False,
         state_dict_type: Literal["sharded", "full"] = "sharded",
+        nonfinite: Literal["raise", "skip"] = "raise",
+        unit_numel: int | None = None,
         accelerator: pl.accelerators.Accelerator | None = None,
         parallel_devices: list[torch.device] | None = None,
         cluster_environment: ClusterEnvironment | None = None,
@@ -87,9 +99,17 @@ class ZeroStrategy(DDPStrategy):
         timeout: timedelta | None = default_pg_timeout,
         start_method: Literal["popen", "spawn", "fork", "forkserver"] = "popen",
     ) -> None:
+        if unit_numel is not None and stage != 3:
+            raise ValueError(f"unit_numel sizes the modules stage 3 gathers together; it does nothing under stage "
+                             f"{stage}: drop it, or use stage=3")
+        if timeout is not None and not isinstance(timeout, timedelta):
+            raise TypeError(f"timeout must be a datetime.timedelta, e.g. timedelta(minutes=10), got {timeout!r}")
+        if start_method not in _START_METHODS:
+            raise ValueError(f"start_method must be one of {_START_METHODS}, got {start_method!r}")
         self.config = ZeroConfig(
             stage=stage, bucket_numel=bucket_numel, reduce_policy=reduce_policy,
             allow_unknown_optimizer=allow_unknown_optimizer,
+            **({"unit_numel": unit_numel} if unit_numel is not None else {}),
         )
         super().__init__(
             accelerator=accelerator,
@@ -104,6 +124,9 @@ class ZeroStrategy(DDPStrategy):
         if state_dict_type not in ("sharded", "full"):
             raise ValueError(f"state_dict_type must be 'sharded' or 'full', got {state_dict_type!r}")
         self.state_dict_type = state_dict_type
+        if nonfinite not in ("raise", "skip"):
+            raise ValueError(f"nonfinite must be 'raise' or 'skip', got {nonfinite!r}")
+        self.nonfinite = nonfinite
         self.engines: list[ZeroEngine] = []
         self._checkpoint_group: ProcessGroup | None = None
 
@@ -146,6 +169,7 @@ class ZeroStrategy(DDPStrategy):
         self._release_engines()
         precision = self.precision_plugin
         precision.device_type = self.root_device.type
+        precision.nonfinite = self.nonfinite
         self.model = precision.convert_module(self.model)
         self.model_to_device()
         if trainer.state.fn == TrainerFn.FITTING:
@@ -410,6 +434,22 @@ class ZeroStrategy(DDPStrategy):
         self._release_after_loop()
 
     # ------------------------------------------------------------------ teardown and names
+    @override
+    def on_exception(self, exception: BaseException) -> None:
+        """Rank 0 of the subprocess launcher ends its child ranks when fit fails: Lightning kills them only
+        on Ctrl+C, so a rank blocked in a collective or hung would outlive the run. They get a moment to
+        finish on their own (a rank that failed first prints its error) before being killed."""
+        super().on_exception(exception)
+        launcher = self.launcher
+        procs = getattr(launcher, "procs", None) if isinstance(launcher, _SubprocessScriptLauncher) else None
+        if not procs:
+            return
+        deadline = time.monotonic() + _CHILD_GRACE_S
+        for proc in procs:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.wait(timeout=max(0.0, deadline - time.monotonic()))
+        launcher.kill(signal.SIGKILL)
+
     @override
     def barrier(self, *args: Any, **kwargs: Any) -> None:
         """As ``ddp``'s, but on gloo the barrier's handle stays with Python: Lightning's barriers are often a

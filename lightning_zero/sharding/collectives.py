@@ -28,6 +28,7 @@ import torch.distributed as dist
 from torch.distributed import ProcessGroup, Work
 
 __all__ = [
+    "CollectiveError",
     "all_gather_flat",
     "all_gather_objects",
     "all_reduce",
@@ -38,6 +39,11 @@ __all__ = [
 ]
 
 _kept: list[Work] = []  # see [Note: keep finished work handles]
+
+
+class CollectiveError(RuntimeError):
+    """A collective did not complete on this rank, most often because another rank failed."""
+
 
 #: Logical bytes each kind of collective moved in this process, as the ZeRO paper counts them: an
 #: all-reduce of n elements moves 2n (a reduce-scatter plus an all-gather), a reduce-scatter or an
@@ -53,8 +59,15 @@ def settle(works: Iterable[Work | None]) -> None:
     """Wait for ``works`` and keep their handles until the next call (see the note above)."""
     global _kept
     waited = [work for work in works if work is not None]
-    for work in waited:
-        work.wait()
+    try:
+        for work in waited:
+            work.wait()
+    except RuntimeError as exc:  # DistBackendError and gloo's connection errors
+        raise CollectiveError(
+            f"a collective failed on rank {dist.get_rank()}: {exc}. Another rank most likely raised, died or "
+            "stopped answering (its own error, if any, is in its output); this rank stops instead of waiting. "
+            "ZeroStrategy(timeout=...) bounds the wait for a rank that hangs."
+        ) from exc
     _kept = waited
 
 # torch 2.13 renamed the tensor forms; fall back so older floors keep working.

@@ -73,6 +73,11 @@ class ZeroEngine:
                         "not a parameter of the module; build the optimizer from module.parameters()"
                     )
                 group_of[param] = index
+        sparse = [name for name, m in module.named_modules()
+                  if isinstance(m, (torch.nn.Embedding, torch.nn.EmbeddingBag)) and m.sparse]
+        if sparse:
+            raise ValueError(f"{sparse[:3]} make sparse gradients, and ZeRO reduces dense flat buckets: build them "
+                             "with sparse=False")
         devices = {param.device for _, param in named}
         if len(devices) > 1:
             raise ValueError(f"all parameters must be on one device, found {sorted(map(str, devices))}")
@@ -216,11 +221,22 @@ class ZeroEngine:
 
     def found_nonfinite_gradient(self) -> bool:
         """Whether any rank's gradient shard holds an inf or NaN (a collective; same answer everywhere)."""
+        return bool(self.nonfinite_ranks()[1])
+
+    def nonfinite_ranks(self, loss_nonfinite: torch.Tensor | bool = False) -> tuple[list[int], list[int]]:
+        """The ranks whose loss (as the caller saw it) and whose reduced gradient shard were not finite.
+        One tiny all-gather: every rank gets the same answer and so takes the same decision."""
         shards = self.grad_shards()
         device = shards[0].device if shards else torch.device("cpu")
-        local = torch.tensor([float(any(not torch.isfinite(s).all() for s in shards))], device=device)
-        all_reduce(local, dist.ReduceOp.MAX, self.group)
-        return bool(local.item())
+        grad_nonfinite = torch.zeros((), device=device)
+        for shard in shards:
+            grad_nonfinite = torch.maximum(grad_nonfinite, (~torch.isfinite(shard)).any().to(grad_nonfinite.dtype))
+        local = torch.stack([torch.as_tensor(loss_nonfinite, dtype=torch.float32, device=device), grad_nonfinite])
+        gathered = torch.empty(2 * self.world_size, device=device)
+        settle([all_gather_flat(gathered, local, self.group)])
+        flags = gathered.view(self.world_size, 2).cpu()
+        return ([r for r in range(self.world_size) if flags[r, 0]],
+                [r for r in range(self.world_size) if flags[r, 1]])
 
     def skip_step(self) -> None:
         """Drop this window's gradients without touching weights or optimizer state."""

@@ -22,7 +22,7 @@ import torch.distributed as dist
 from torch.distributed import ProcessGroup, Work
 from torch.utils.hooks import RemovableHandle
 
-from lightning_zero.sharding.collectives import all_reduce, reduce_scatter_sum
+from lightning_zero.sharding.collectives import all_reduce, reduce_scatter_sum, settle
 from lightning_zero.sharding.layout import Bucket, Layout
 
 ReducePolicy = Literal["boundary", "every_micro_batch"]
@@ -201,7 +201,7 @@ class GradientReducer:
             self._complete(self._pending.popleft())
 
     def _complete(self, pending: _Pending) -> None:
-        pending.work.wait()
+        settle([pending.work])
         state = pending.grads
         if pending.output is not state.shard:
             state.shard.add_(pending.output.to(state.shard.dtype))

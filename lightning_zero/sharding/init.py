@@ -65,6 +65,9 @@ class _PendingChunks:
     def values(self) -> list[PendingChunk]:
         return [entry for entry in self._by_id.values() if entry.owner() is not None]
 
+    def __len__(self) -> int:
+        return len(self.values())
+
 
 pending_chunks = _PendingChunks()
 

@@ -1,0 +1,58 @@
+"""Run by test_faults (not a test itself): train LitTiny under zero2 on DEVICES CPU ranks and inject a
+fault on rank RANK at optimizer step STEP. Prints "FAULT <unix time>" just before it.
+
+    python tests/fault_script.py raise|exit|kill|hang RANK STEP DEVICES TIMEOUT_S
+
+raise: ``training_step`` raises ValueError; exit: ``os._exit(3)``; kill: SIGKILL to itself; hang: sleeps.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+import time
+from datetime import timedelta
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+
+from lightning_zero import ZeroStrategy
+from tests.lit_helpers import LitTiny, loader
+
+
+class Faulty(LitTiny):
+    def __init__(self, mode: str, rank: int, step: int) -> None:
+        super().__init__("adamw")
+        self.mode, self.fault_rank, self.fault_step = mode, rank, step
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        if self.global_rank == self.fault_rank and self.global_step == self.fault_step:
+            print(f"FAULT {time.time():.3f} {self.mode} on rank {self.global_rank} at step {self.global_step}",
+                  flush=True)
+            if self.mode == "raise":
+                raise ValueError(f"injected failure on rank {self.global_rank} at step {self.global_step}")
+            if self.mode == "exit":
+                os._exit(3)
+            if self.mode == "kill":
+                os.kill(os.getpid(), signal.SIGKILL)
+            if self.mode == "hang":
+                time.sleep(600)
+        return super().training_step(batch, batch_idx)
+
+
+def main() -> None:
+    mode, rank, step, devices, timeout = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), float(
+        sys.argv[5])
+    trainer = pl.Trainer(
+        strategy=ZeroStrategy(stage=2, bucket_numel=150, timeout=timedelta(seconds=timeout)), accelerator="cpu",
+        devices=devices, max_steps=step + 3, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+        enable_model_summary=False, use_distributed_sampler=False,
+    )
+    trainer.fit(Faulty(mode, rank, step), loader(16, 1))
+    print(f"rank {trainer.global_rank}: finished at step {trainer.global_step}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
