@@ -38,20 +38,30 @@ class ZeroPrecision(Precision):
     ``on_before_optimizer_step`` and clipping see true (unscaled, averaged) gradients; an fp16 overflow on
     any rank skips the step, the hooks and clipping on every rank and leaves weights and optimizer state
     untouched.
+
+    Args:
+        precision: "32-true", "bf16-mixed", "16-mixed" (with dynamic loss scaling), "bf16-true" or "16-true".
+        reduce_dtype: dtype gradients are summed across ranks in (a torch dtype or its name; fp32 default).
+        accumulate_dtype: dtype gradients accumulate across micro-batches in (fp32 default).
+        initial_scale_power: fp16 only: the loss scale starts at 2**this.
+        loss_scale_window: fp16 only: clean steps before the scale doubles.
+        hysteresis: fp16 only: overflows tolerated before the scale halves.
+        consecutive_hysteresis: fp16 only: refill the hysteresis on every clean step.
+        min_loss_scale: fp16 only: an overflow at this scale raises ``LossScaleAtMinimumError``.
     """
 
     def __init__(
         self,
         precision: PrecisionName = "32-true",
-        reduce_dtype: torch.dtype = torch.float32,
-        accumulate_dtype: torch.dtype = torch.float32,
+        reduce_dtype: torch.dtype | DTypeName = torch.float32,
+        accumulate_dtype: torch.dtype | DTypeName = torch.float32,
         initial_scale_power: int = 16,
         loss_scale_window: int = 1000,
         hysteresis: int = 2,
         consecutive_hysteresis: bool = False,
         min_loss_scale: float = 1.0,
     ) -> None:
-        self.policy = PrecisionPolicy.from_precision(precision, reduce_dtype, accumulate_dtype)
+        self.policy = PrecisionPolicy.from_precision(precision, _dtype(reduce_dtype), _dtype(accumulate_dtype))
         self.precision = precision
         knobs = {"initial_scale_power": (initial_scale_power, 16), "loss_scale_window": (loss_scale_window, 1000),
                  "hysteresis": (hysteresis, 2), "consecutive_hysteresis": (consecutive_hysteresis, False),
@@ -193,6 +203,19 @@ class ZeroPrecision(Precision):
         self.skipped_steps = int(state_dict.get("skipped_steps", 0))
         if self.scaler is not None and "loss_scaler" in state_dict:
             self.scaler.load_state_dict(state_dict["loss_scaler"])
+
+
+DTypeName = Literal["float32", "bfloat16", "float16"]
+
+
+def _dtype(value: torch.dtype | str) -> torch.dtype:
+    """A torch dtype from itself or its name (YAML and command lines give names)."""
+    if isinstance(value, torch.dtype):
+        return value
+    name = str(value).removeprefix("torch.")
+    if name not in ("float32", "bfloat16", "float16"):
+        raise ValueError(f"dtype must be float32, bfloat16 or float16 (or a torch dtype), got {value!r}")
+    return getattr(torch, name)
 
 
 def _nonfinite_message(model: pl.LightningModule, bad_loss: list[int], bad_grad: list[int]) -> str:

@@ -75,8 +75,16 @@ class ZeroStrategy(DDPStrategy):
             the ranks, or "skip"s the step on every rank; either way no weight takes that step.
         unit_numel: stage 3 only: a module without weights of its own (a transformer block) is gathered as
             one unit when it holds at most this many elements (default 2**20).
-        timeout: how long collectives wait before failing, as for ``DDPStrategy``.
+        timeout: how long collectives wait before failing, as for ``DDPStrategy``; it also bounds how long
+            a rank waits for one that hangs, and how long ``save_checkpoint`` waits for every rank to join.
         start_method: "popen" (subprocess, like ``ddp``), "spawn", "fork" (notebooks) or "forkserver".
+        accelerator: as for ``DDPStrategy``; normally set by the Trainer.
+        parallel_devices: as for ``DDPStrategy``; normally set by the Trainer from ``devices``.
+        cluster_environment: as for ``DDPStrategy`` (torchrun, SLURM, ...); normally detected.
+        checkpoint_io: used only for single-file checkpoints (loading ``ddp`` files); sharded ones are
+            written by the strategy.
+        precision_plugin: a ``ZeroPrecision``; normally built from ``Trainer(precision=...)``.
+        process_group_backend: "nccl" or "gloo"; by default from the device.
     """
 
     strategy_name = "zero"
@@ -188,6 +196,16 @@ class ZeroStrategy(DDPStrategy):
                 f"{len(self.optimizers)}. Put every parameter group in one optimizer."
             )
         assert self.lightning_module is not None
+        from torch._dynamo.eval_frame import OptimizedModule
+
+        compiled = getattr(self.lightning_module, "_compiler_ctx", None) is not None or any(
+            isinstance(m, OptimizedModule) for m in self.lightning_module.modules())
+        if compiled and self.config.stage == 3:
+            raise ValueError(
+                "torch.compile does not work with ZeRO stage 3 yet: stage 3 swaps parameter storage around every "
+                "unit's forward and backward, which compiled graphs do not allow. Use stage 1 or 2 with "
+                "torch.compile (tested), or stage 3 without it."
+            )
         precision = self.precision_plugin
         for optimizer in self.optimizers:
             engine = ZeroEngine(self.lightning_module, optimizer, self.config, dtypes=precision.policy.slots())

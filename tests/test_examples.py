@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import re
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -23,9 +24,24 @@ def _run(*args: str) -> str:
     return output
 
 
+def readme_main_command() -> list[str]:
+    """The python part of the README's first command (after the installs)."""
+    readme = (ROOT / "README.md").read_text()
+    block = readme.split("```bash\n", 1)[1].split("```", 1)[0]
+    return shlex.split(block.strip().split("&&")[-1])
+
+
+def test_readme_main_command() -> None:
+    command = readme_main_command()
+    assert command[:2] == ["python", "examples/train_gpt.py"], command
+    output = _run(sys.executable, *command[1:])
+    assert "step  30  loss" in output
+    ratios = [float(r) for r in re.findall(r"vs ddp [\d.]+ MiB \(([\d.]+)x\)", output)]
+    assert len(ratios) == 2 and all(r < 0.7 for r in ratios), output[-2000:]
+
+
 def test_lightning_example_fits_twice_with_the_subprocess_launcher() -> None:
-    output = _run(sys.executable, "examples/train_gpt.py", "--strategy", "zero2", "--devices", "2",
-                  "--max-steps", "4", "--fits", "2")
+    output = _run(sys.executable, "tests/fit_twice.py")
     assert "fit 2 of 2" in output
     ratios = [float(r) for r in re.findall(r"vs ddp [\d.]+ MiB \(([\d.]+)x\)", output)]
     assert len(ratios) == 4 and all(r < 0.7 for r in ratios), output[-2000:]  # 2 ranks x 2 fits

@@ -289,8 +289,8 @@ class Sampler(pl.Callback):
 
 def long_run(steps: int, strategy: str = "zero2") -> dict[str, Any]:
     sys.path.insert(0, os.path.join(ROOT, "examples"))
+    from lit_gpt import LitGPT, RandomWindows  # the README's small example
     from torch.utils.data import DataLoader
-    from train_gpt import LitGPT, RandomWindows  # the README's small example
 
     warm = LitGPT()  # the allocator's first growth in a fresh process is not a leak: warm it up first
     trainer(ZeroStrategy(stage=2) if strategy == "zero2" else DDPStrategy(), max_steps=200).fit(
