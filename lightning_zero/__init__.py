@@ -1,6 +1,6 @@
 """lightning-zero: ZeRO for PyTorch Lightning on plain torch.distributed.
 
-Importing the package registers the strategy names ("zero1", "zero2", "zero3", "zero2_spawn", ...) with
+Importing the package registers the strategy names ("zero1", "zero2", "zero3", "zero2_spawn", "zero2_offload", ...) with
 Lightning's ``StrategyRegistry``, so ``Trainer(strategy="zero2")`` works after ``import lightning_zero``.
 """
 
@@ -14,7 +14,7 @@ from lightning_zero.checkpoint import (
 )
 from lightning_zero.config import PrecisionPolicy, ZeroConfig
 from lightning_zero.loss_scaler import DynamicLossScaler, LossScaleAtMinimumError
-from lightning_zero.memory import ModelStateBytes, model_state_bytes
+from lightning_zero.memory import HostBytes, ModelStateBytes, model_state_bytes
 from lightning_zero.precision import ZeroPrecision
 from lightning_zero.report import MemoryEstimate, ZeroMeasurement, ZeroReport, estimate_memory
 from lightning_zero.sharding import ByModule, BySize, DtypeSlots, ZeroEngine, check_elementwise
@@ -31,6 +31,7 @@ __all__ = [
     "CheckpointError",
     "DtypeSlots",
     "DynamicLossScaler",
+    "HostBytes",
     "LossScaleAtMinimumError",
     "MemoryEstimate",
     "ModelStateBytes",

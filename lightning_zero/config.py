@@ -8,10 +8,14 @@ from typing import Literal
 
 import torch
 
-__all__ = ["PrecisionName", "PrecisionPolicy", "ReducePolicyName", "ZeroConfig", "resolve_reduce_policy"]
+__all__ = [
+    "OffloadName", "PrecisionName", "PrecisionPolicy", "ReducePolicyName", "ZeroConfig", "resolve_reduce_policy",
+]
 
 ReducePolicyName = Literal["auto", "boundary", "every_micro_batch"]
 _POLICIES = ("auto", "boundary", "every_micro_batch")
+OffloadName = Literal["none", "optimizer"]
+_OFFLOADS = ("none", "optimizer")
 _STAGES = (1, 2, 3)
 
 
@@ -26,6 +30,9 @@ class ZeroConfig:
     ``allow_unknown_optimizer``: step an optimizer class not known to be element-wise (you vouch for it).
     ``unit_numel``: stage 3 gathers a module without weights of its own (a transformer block) as one unit
     when it holds at most this many elements (default 2**20); larger ones are opened up.
+    ``offload``: ``"optimizer"`` keeps this rank's master slices and optimizer state in host (CPU) memory
+    and steps the optimizer there (ZeRO-Offload): the device keeps parameters and gradients only, and each
+    step copies the gradient slice to the host and the updated slice back. ``"none"`` keeps all on the device.
     """
 
     stage: int = 2
@@ -33,6 +40,7 @@ class ZeroConfig:
     reduce_policy: ReducePolicyName = "auto"
     allow_unknown_optimizer: bool = False
     unit_numel: int = 2**20
+    offload: OffloadName = "none"
 
     def __post_init__(self) -> None:
         if self.stage not in _STAGES:
@@ -46,6 +54,11 @@ class ZeroConfig:
             raise ValueError(f"unit_numel must be a non-negative integer, got {self.unit_numel!r}")
         if self.reduce_policy not in _POLICIES:
             raise ValueError(f"reduce_policy must be one of {_POLICIES}, got {self.reduce_policy!r}")
+        if self.offload not in _OFFLOADS:
+            raise ValueError(
+                f"offload must be 'none' (everything on the device) or 'optimizer' (master slices and optimizer "
+                f"state in CPU memory), got {self.offload!r}"
+            )
 
 
 def resolve_reduce_policy(stage: int, policy: ReducePolicyName) -> Literal["boundary", "every_micro_batch"]:

@@ -14,8 +14,8 @@ import lightning.pytorch as pl
 import torch
 from torch import optim
 
-from lightning_zero.config import PrecisionPolicy, ReducePolicyName, resolve_reduce_policy
-from lightning_zero.memory import ModelStateBytes, model_state_bytes
+from lightning_zero.config import OffloadName, PrecisionPolicy, ReducePolicyName, resolve_reduce_policy
+from lightning_zero.memory import HostBytes, ModelStateBytes, model_state_bytes
 from lightning_zero.sharding import collectives
 from lightning_zero.sharding.engine import ZeroEngine
 
@@ -35,7 +35,10 @@ _STAGES = (0, 1, 2, 3)
 class MemoryEstimate:
     """Predicted model-state bytes per rank after the first optimizer step (stage 0: plain DDP).
 
-    ``ddp_total`` is stage 0 with the same dtypes and optimizer: nothing sharded, the ZeRO paper's baseline.
+    ``parameters`` to ``optimizer_state`` are device bytes; ``host`` is what ``offload="optimizer"`` keeps in
+    host memory instead (master, a gradient slice in the master dtype, optimizer state; zero otherwise).
+    ``total`` counts both, ``device_total`` the device alone. ``ddp_total`` is stage 0 with the same dtypes
+    and optimizer: nothing sharded or offloaded, the ZeRO paper's baseline.
     Left out: bucket padding (under ``world_size`` elements per bucket), optimizers' scalar step counters
     (4 bytes per parameter slice), buffers, activations and transient communication buffers.
     """
@@ -51,38 +54,59 @@ class MemoryEstimate:
     master: int
     optimizer_state: int
     ddp_total: int
+    offload: OffloadName = "none"
+    host: HostBytes = HostBytes()
 
     @property
-    def total(self) -> int:
-        """All model-state bytes of one rank."""
+    def device_total(self) -> int:
+        """One rank's model-state bytes on the device."""
         return self.parameters + self.gradients + self.master + self.optimizer_state
 
     @property
+    def total(self) -> int:
+        """All model-state bytes of one rank, device and host."""
+        return self.device_total + self.host.total
+
+    @property
     def ratio_to_ddp(self) -> float:
-        """``total / ddp_total``: the share of plain data parallel's bytes that a rank keeps."""
-        return self.total / self.ddp_total if self.ddp_total else 1.0
+        """``device_total / ddp_total``: the share of plain data parallel's device bytes that a rank keeps."""
+        return self.device_total / self.ddp_total if self.ddp_total else 1.0
 
     def table(self, measured: ModelStateBytes | None = None) -> str:
         """A short multi-line summary; with ``measured``, a second column of what a rank actually holds."""
         name = "DDP (stage 0)" if self.stage == 0 else f"ZeRO stage {self.stage}"
+        offloaded = " (optimizer offloaded to CPU)" if self.offload == "optimizer" else ""
         frozen = f" + {self.frozen_params:,} frozen" if self.frozen_params else ""
         lines = [
-            f"{name} on {self.world_size} rank{'s' if self.world_size != 1 else ''}, {self.precision}, "
+            f"{name} on {self.world_size} rank{'s' if self.world_size != 1 else ''}{offloaded}, {self.precision}, "
             f"{self.optimizer}: {self.trainable_params:,} trainable{frozen} parameters",
             f"{'model state per rank':<22}{'estimated':>14}" + (f"{'measured':>14}" if measured else ""),
         ]
-        rows = [("parameters", self.parameters), ("gradients", self.gradients), ("fp32 master", self.master),
-                ("optimizer state", self.optimizer_state), ("total", self.total)]
-        held = [measured.parameters, measured.gradients, measured.master, measured.optimizer_state,
-                measured.total] if measured else [None] * len(rows)
-        for (label, estimated), got in zip(rows, held):
-            if label == "fp32 master" and self.master == 0 and not got:
-                continue
-            lines.append(f"{label:<22}{_human(estimated):>14}" + (f"{_human(got):>14}" if got is not None else ""))
+        def row(label: str, estimated: int, got: int | None) -> str:
+            return f"{label:<22}{_human(estimated):>14}" + (f"{_human(got):>14}" if got is not None else "")
+
+        device = measured or ModelStateBytes(0, 0, 0, 0, 0)
+        show = measured is not None
+        lines.append(row("parameters", self.parameters, device.parameters if show else None))
+        lines.append(row("gradients", self.gradients, device.gradients if show else None))
+        if self.master or device.master:
+            lines.append(row("fp32 master", self.master, device.master if show else None))
+        if self.offload == "none" or self.optimizer_state or device.optimizer_state:
+            lines.append(row("optimizer state", self.optimizer_state, device.optimizer_state if show else None))
+        if self.offload == "optimizer":  # the rest lives in host memory
+            host = device.host
+            lines.append(row("device total", self.device_total, device.device_total if show else None))
+            lines.append(row("host: master", self.host.master, host.master if show else None))
+            lines.append(row("host: gradients", self.host.gradients, host.gradients if show else None))
+            lines.append(row("host: optimizer", self.host.optimizer_state, host.optimizer_state if show else None))
+        total = "total (device + host)" if self.offload == "optimizer" else "total"
+        lines.append(row(total, self.total, device.total if show else None))
         if measured is not None and self.total:
             lines.append(f"measured / estimated: {measured.total / self.total:.4f}")
         if self.stage != 0:
-            lines.append(f"plain DDP would hold {_human(self.ddp_total)} per rank ({self.ratio_to_ddp:.2f}x here)")
+            where = " on the device" if self.offload == "optimizer" else ""
+            lines.append(f"plain DDP would hold {_human(self.ddp_total)} per rank ({self.ratio_to_ddp:.2f}x here"
+                         f"{where})")
         return "\n".join(lines)
 
 
@@ -108,6 +132,7 @@ def estimate_memory(
     optimizer: str | type[optim.Optimizer] | optim.Optimizer = "adamw",
     *,
     reduce_policy: ReducePolicyName = "auto",
+    offload: OffloadName = "none",
 ) -> MemoryEstimate:
     """Model-state bytes each of ``world_size`` ranks holds after an optimizer step under ZeRO ``stage``
     (0: plain DDP), as this engine lays them out, before building anything.
@@ -117,7 +142,9 @@ def estimate_memory(
     name from ``OPTIMIZER_STATES``, a torch optimizer class (its defaults decide, so ``torch.optim.SGD``
     has no momentum) or an instance (its param groups decide). ``precision`` is a Lightning precision
     string or a ``PrecisionPolicy`` (non-default reduce/accumulate dtypes); ``reduce_policy`` as for
-    ``ZeroStrategy``: it decides whether stage 1 reduces inside its full gradient buffer.
+    ``ZeroStrategy``: it decides whether stage 1 reduces inside its full gradient buffer. ``offload`` as
+    for ``ZeroConfig``: ``"optimizer"`` moves the master and optimizer state to ``host`` bytes and adds the
+    host gradient slice there (owned elements x master itemsize each); device bytes keep the rest.
     """
     if isinstance(stage, bool) or stage not in _STAGES:
         raise ValueError(
@@ -137,7 +164,7 @@ def estimate_memory(
             f"estimate_memory takes a torch.nn.Module or a number of parameters, got "
             f"{type(model_or_num_params).__name__}"
         )
-    return _estimate(counts, stage, world_size, policy, label, optimizer, reduce_policy)
+    return _estimate(counts, stage, world_size, policy, label, optimizer, reduce_policy, offload)
 
 
 def _estimate(
@@ -148,17 +175,30 @@ def _estimate(
     precision: str,
     optimizer: str | type[optim.Optimizer] | optim.Optimizer,
     reduce_policy: ReducePolicyName,
+    offload: OffloadName = "none",
 ) -> MemoryEstimate:
     if isinstance(world_size, bool) or not isinstance(world_size, int) or world_size < 1:
         raise ValueError(
             f"world_size must be a positive number of ranks (processes, e.g. trainer.world_size), got {world_size!r}"
         )
+    if offload not in ("none", "optimizer"):
+        raise ValueError(f"offload must be 'none' or 'optimizer', got {offload!r}")
+    if offload == "optimizer" and stage == 0:
+        raise ValueError("offload='optimizer' is a ZeRO option (stages 1-3); plain DDP (stage 0) keeps state on "
+                         "the device: use offload='none' or a stage from 1 to 3")
     optimizer_label, states = _optimizer_states(optimizer)
     # Stage 0 ignores the world size: nothing is sharded.
     ddp = _bytes(counts, 0, 1, policy, states, reduce_policy)
-    held = _bytes(counts, stage, world_size, policy, states, reduce_policy)
+    parameters, gradients, master, optimizer_state = _bytes(counts, stage, world_size, policy, states, reduce_policy)
+    host = HostBytes()
+    if offload == "optimizer":
+        # The host master is a tensor of its own even where the storage slice would be the master (32-true).
+        owned_bytes = math.ceil(counts.trainable / world_size) * policy.master.itemsize
+        host = HostBytes(master=owned_bytes, gradients=owned_bytes, optimizer_state=optimizer_state)
+        master = optimizer_state = 0
     return MemoryEstimate(stage, world_size, precision, optimizer_label, counts.trainable, counts.frozen_numel,
-                          *held, ddp_total=sum(ddp))
+                          parameters, gradients, master, optimizer_state, ddp_total=sum(ddp), offload=offload,
+                          host=host)
 
 
 def _bytes(
@@ -300,10 +340,14 @@ class ZeroMeasurement:
     traffic: Mapping[str, int]
 
     def metrics(self, prefix: str = "zero") -> dict[str, float]:
-        """Flat metric names for loggers: ``zero/bytes/<kind>`` and ``zero/comm_bytes/<kind>``."""
+        """Flat metric names for loggers: ``zero/bytes/<kind>`` (with offload also ``device_total`` and
+        ``host_<kind>``) and ``zero/comm_bytes/<kind>``."""
         held = self.held
         values = {"parameters": held.parameters, "gradients": held.gradients, "master": held.master,
                   "optimizer_state": held.optimizer_state, "in_flight": held.in_flight, "total": held.total}
+        if held.host.total:  # optimizer offload
+            values.update(device_total=held.device_total, host_master=held.host.master,
+                          host_gradients=held.host.gradients, host_optimizer_state=held.host.optimizer_state)
         out = {f"{prefix}/bytes/{key}": float(value) for key, value in values.items()}
         out.update({f"{prefix}/comm_bytes/{kind}": float(value) for kind, value in sorted(self.traffic.items())})
         out[f"{prefix}/comm_bytes/total"] = float(sum(self.traffic.values()))
@@ -346,7 +390,7 @@ class ZeroReport(pl.Callback):
         default = PrecisionPolicy.from_precision(plugin.precision)
         label = plugin.precision if policy == default else _describe(policy)
         self.estimate = _estimate(_counts_of_engine(engine), engine.config.stage, engine.world_size, policy,
-                                  label, engine.optimizer.optimizer, engine.reduce_policy)
+                                  label, engine.optimizer.optimizer, engine.reduce_policy, engine.config.offload)
         self.last = None
         if self.verbose and trainer.is_global_zero:
             print(f"[ZeroReport] fit start (estimate)\n{self.estimate.table()}", flush=True)

@@ -75,6 +75,8 @@ class ZeroStrategy(DDPStrategy):
             the ranks, or "skip"s the step on every rank; either way no weight takes that step.
         unit_numel: stage 3 only: a module without weights of its own (a transformer block) is gathered as
             one unit when it holds at most this many elements (default 2**20).
+        offload: "optimizer" keeps each rank's master slices and optimizer state in CPU memory and steps the
+            optimizer there (ZeRO-Offload); "none" (default) keeps everything on the device.
         timeout: how long collectives wait before failing, as for ``DDPStrategy``; it also bounds how long
             a rank waits for one that hangs, and how long ``save_checkpoint`` waits for every rank to join.
         start_method: "popen" (subprocess, like ``ddp``), "spawn", "fork" (notebooks) or "forkserver".
@@ -98,6 +100,7 @@ class ZeroStrategy(DDPStrategy):
         state_dict_type: Literal["sharded", "full"] = "sharded",
         nonfinite: Literal["raise", "skip"] = "raise",
         unit_numel: int | None = None,
+        offload: Literal["none", "optimizer"] = "none",
         accelerator: pl.accelerators.Accelerator | None = None,
         parallel_devices: list[torch.device] | None = None,
         cluster_environment: ClusterEnvironment | None = None,
@@ -116,7 +119,7 @@ class ZeroStrategy(DDPStrategy):
             raise ValueError(f"start_method must be one of {_START_METHODS}, got {start_method!r}")
         self.config = ZeroConfig(
             stage=stage, bucket_numel=bucket_numel, reduce_policy=reduce_policy,
-            allow_unknown_optimizer=allow_unknown_optimizer,
+            allow_unknown_optimizer=allow_unknown_optimizer, offload=offload,
             **({"unit_numel": unit_numel} if unit_numel is not None else {}),
         )
         super().__init__(
@@ -506,3 +509,10 @@ class ZeroStrategy(DDPStrategy):
                     stage=stage,
                     start_method=start_method,
                 )
+            strategy_registry.register(
+                f"zero{stage}_offload",
+                cls,
+                description=f"ZeRO stage {stage} with optimizer state and fp32 masters offloaded to CPU",
+                stage=stage,
+                offload="optimizer",
+            )

@@ -25,6 +25,9 @@ NAMES = {
     "zero3": (3, _SubprocessScriptLauncher, None),
     "zero3_spawn": (3, _MultiProcessingLauncher, "spawn"),
     "zero3_notebook": (3, _MultiProcessingLauncher, "fork"),
+    "zero1_offload": (1, _SubprocessScriptLauncher, None),
+    "zero2_offload": (2, _SubprocessScriptLauncher, None),
+    "zero3_offload": (3, _SubprocessScriptLauncher, None),
 }
 
 

@@ -2,6 +2,17 @@
 
 It owns the setup (plan the layout, check ranks agree, flatten parameters into bucket buffers, broadcast
 rank 0's values) and the order of one optimizer step: finish reductions, step the slices, all-gather.
+
+[Note: optimizer offload]
+With ``ZeroConfig(offload="optimizer")`` every master slice is a tensor of its own in host memory (also under
+``32-true``, where it would otherwise be the owned slice of the flat parameter buffer) and the optimizer's
+state follows it there. A step copies each reduced gradient slice into a host buffer in the master dtype,
+steps the optimizer on the CPU, and copies the updated master back into the device's storage slice before
+the all-gather. Where parameters are on a CUDA device the host buffers are page-locked and both copies are
+asynchronous; the host waits for the device only before the optimizer reads the gradients, and before it
+writes masters outside a step (loading, write-back). Device-side work (overflow checks, norms, clipping)
+still reads the device's gradient slices. Where the master has the storage dtype, the storage slice equals
+it bitwise after every step and load, so whole parameters are read from the device as without offload.
 """
 
 from __future__ import annotations
@@ -26,7 +37,7 @@ from lightning_zero.sharding.collectives import (
 from lightning_zero.sharding.gradients import GradientReducer
 from lightning_zero.sharding.init import PendingChunk, pending_chunks
 from lightning_zero.sharding.layout import Bucket, ByModule, BySize, DtypeSlots, Layout, plan_layout
-from lightning_zero.sharding.optimizer import ShardedOptimizer
+from lightning_zero.sharding.optimizer import ShardedOptimizer, check_host_steppable
 from lightning_zero.sharding.parameters import ParameterSharder, module_units
 from lightning_zero.sharding.state import FullSource, StateSource
 
@@ -89,6 +100,13 @@ class ZeroEngine:
             )
         if not any(param.requires_grad and param in group_of for _, param in named):
             raise ValueError("the optimizer holds no trainable parameter of the module: nothing to shard")
+        self.offload = self.config.offload == "optimizer"
+        if self.offload:
+            check_host_steppable(optimizer)  # before any parameter moves
+        self.device: torch.device = devices.pop()  # the parameters' device, where collectives run
+        # Page-locked host buffers only where they buy asynchronous copies: on a CPU-only machine they would
+        # just lock pages.
+        self._pin = self.offload and torch.cuda.is_available() and self.device.type == "cuda"
 
         self.units = module_units(module, self.config.unit_numel) if self.config.stage == 3 else ()
         grouping = ByModule(self.units) if self.config.stage == 3 else BySize(self.config.bucket_numel)
@@ -102,7 +120,8 @@ class ZeroEngine:
         self._check_ranks_agree()
         self.params: list[torch.nn.Parameter] = [param for _, param in named]
         self.flat_params: dict[int, torch.Tensor] = {}  # bucket index -> 1D padded storage buffer
-        self.masters: dict[int, torch.Tensor] = {}  # bucket index -> 1D master slice (shard_numel)
+        self.masters: dict[int, torch.Tensor] = {}  # bucket index -> 1D master slice (shard_numel); host if offload
+        self.host_grads: dict[int, torch.Tensor] = {}  # offload: bucket index -> 1D host gradient slice, master dtype
         self.param_shards: dict[int, torch.Tensor] = {}  # stage 3: bucket -> this rank's 1D storage slice
         self._flatten_from_first_rank()
         self.sharder: ParameterSharder | None = None
@@ -113,14 +132,19 @@ class ZeroEngine:
             self.layout, self.params, self.rank, process_group, self.config.stage, self.reduce_policy,
             on_launch=self.sharder.release_one if self.sharder is not None else None,
         )
+        grad_shards = {state.bucket.index: state.shard for state in self.reducer.buckets}
+        if self.offload:
+            self.host_grads = {index: self._host_empty(shard.numel(), self.masters[index].dtype)
+                               for index, shard in grad_shards.items()}
         self.optimizer = ShardedOptimizer(
             optimizer,
             self.layout,
             self.rank,
             self.masters,
-            {state.bucket.index: state.shard for state in self.reducer.buckets},
+            self.host_grads if self.offload else grad_shards,
             fqn_of,
             self.config.allow_unknown_optimizer,
+            device=self.device,
         )
         self._had_grad: list[bool] | None = None
         # The factor the loss was multiplied by before backward (fp16 loss scaling sets it), divided out
@@ -152,6 +176,20 @@ class ZeroEngine:
         """Trainable buckets are flattened in every stage; stage 3 shards frozen ones too."""
         return bucket.trainable or self.config.stage == 3
 
+    def _has_own_master(self, bucket: Bucket) -> bool:
+        """Whether ``bucket``'s master is a tensor of its own (a wider dtype, or offloaded), copied into the
+        storage slice after each step, rather than the storage slice itself."""
+        return bucket.trainable and (bucket.dtypes.separate_master or self.offload)
+
+    def _host_empty(self, numel: int, dtype: torch.dtype) -> torch.Tensor:
+        """A 1-D host buffer for offload; see [Note: optimizer offload]."""
+        return torch.empty(numel, dtype=dtype, device="cpu", pin_memory=self._pin)
+
+    def _wait_for_host_copies(self) -> None:
+        """Block until asynchronous copies between page-locked host buffers and the device are done."""
+        if self._pin:
+            torch.accelerator.current_stream(self.device).synchronize()
+
     def _flatten_from_first_rank(self) -> None:
         """Start every rank from rank 0's values, with each flattened bucket's parameters moved into one
         flat storage buffer (parameters become views of it) and this rank's master slice taken from the
@@ -180,9 +218,11 @@ class ZeroEngine:
             if self.config.stage == 3:
                 owned = self.param_shards[bucket.index] = owned.clone()
             if bucket.trainable:
-                self.masters[bucket.index] = (
-                    original.narrow(0, lo, hi - lo).to(slots.master, copy=True) if slots.separate_master else owned
-                )
+                value = original.narrow(0, lo, hi - lo)
+                if self.offload:
+                    self.masters[bucket.index] = self._host_empty(hi - lo, slots.master).copy_(value)
+                else:
+                    self.masters[bucket.index] = value.to(slots.master, copy=True) if slots.separate_master else owned
             self.flat_params[bucket.index] = flat
         others = [self.params[i].data for b in self.layout.buckets if not self._is_flat(b) for i in b.params]
         broadcast_from_first(others + [buffer for _, buffer in self.module.named_buffers()], self.group)
@@ -298,6 +338,10 @@ class ZeroEngine:
                 loss = closure()
         self.reduce_gradients()
         assert self._had_grad is not None
+        if self.offload:
+            for state in self.reducer.buckets:
+                self.host_grads[state.bucket.index].copy_(state.shard, non_blocking=self._pin)
+            self._wait_for_host_copies()
         self.optimizer.step(self._had_grad)
         self._gather_params()
         self.zero_grad()
@@ -315,8 +359,8 @@ class ZeroEngine:
             owned = self.param_shards.get(bucket.index)
             if owned is None:
                 owned = flat.narrow(0, lo, hi - lo)
-            if bucket.dtypes.separate_master:
-                owned.copy_(self.masters[bucket.index])
+            if self._has_own_master(bucket):
+                owned.copy_(self.masters[bucket.index], non_blocking=self._pin)
             if self.config.stage < 3:
                 works.append(all_gather_flat(flat, owned, self.group))
         settle(works)
@@ -345,8 +389,9 @@ class ZeroEngine:
         return {"params": self.full_params(), "optimizer": self.optimizer.full_state_dict(self.group)}
 
     def _authoritative_shard(self, bucket: Bucket) -> torch.Tensor | None:
-        """The slice that holds ``bucket``'s true values when the full parameters do not (a separate
-        master, or stage 3's parameter slice); None when the module's parameters are whole and exact."""
+        """The slice that holds ``bucket``'s true values when the full parameters do not (a master in a wider
+        dtype, or stage 3's parameter slice); None when the module's parameters are whole and exact (an
+        offloaded master in the storage dtype equals the storage slice: [Note: optimizer offload])."""
         if bucket.trainable and bucket.dtypes.separate_master:
             return self.masters[bucket.index]
         return self.param_shards.get(bucket.index)
@@ -370,7 +415,7 @@ class ZeroEngine:
         if modifier_rank is not None:  # to move only changed values into fp32 masters (no rounding)
             for index in buckets:
                 bucket = self.layout.buckets[index]
-                if bucket.trainable and bucket.dtypes.separate_master:
+                if self._has_own_master(bucket):
                     lo, hi = bucket.shard_range(self.rank)
                     before[index] = self.flat_params[index].narrow(0, lo, hi - lo).clone()
         try:
@@ -383,6 +428,7 @@ class ZeroEngine:
 
     def _write_back(self, buckets: list[int], modifier_rank: int, before: dict[int, torch.Tensor]) -> None:
         src = dist.get_global_rank(self.group, modifier_rank) if self.group is not None else modifier_rank
+        self._wait_for_host_copies()  # masters are written below
         with torch.no_grad():
             for index in buckets:
                 bucket = self.layout.buckets[index]
@@ -397,8 +443,9 @@ class ZeroEngine:
                 if shard is not None:
                     shard.copy_(owned)
                 if index in before:
+                    master = self.masters[index]
                     changed = owned != before[index]
-                    self.masters[index][changed] = owned[changed].to(self.masters[index].dtype)
+                    master[changed.to(master.device)] = owned[changed].to(device=master.device, dtype=master.dtype)
         if self.sharder is not None:
             self.sharder.refresh_persistent()
 
@@ -414,8 +461,8 @@ class ZeroEngine:
             source: torch.Tensor | None = None
             shard = self._authoritative_shard(bucket)
             if shard is not None:
-                source = torch.empty(bucket.padded_numel, dtype=shard.dtype, device=shard.device)
-                settle([all_gather_flat(source, shard, self.group)])
+                source = torch.empty(bucket.padded_numel, dtype=shard.dtype, device=self.device)
+                settle([all_gather_flat(source, shard.to(self.device), self.group)])
             for index in bucket.params:
                 record = self.layout.params[index]
                 if source is not None:
@@ -453,6 +500,7 @@ class ZeroEngine:
         each rank reads only the ranges it keeps. No collective. Checked whole before anything changes."""
         self.check_source(source, optimizer)
         sharded = self._sharded_params
+        self._wait_for_host_copies()  # masters are written below
         with torch.no_grad():
             for record in self.layout.params:
                 if record.index not in sharded:
@@ -486,8 +534,8 @@ class ZeroEngine:
             if not (bucket.trainable and bucket.dtypes.separate_master):
                 continue
             master = self.masters[bucket.index]
-            full = torch.empty(bucket.padded_numel, dtype=master.dtype, device=master.device)
-            settle([all_gather_flat(full, master, self.group)])
+            full = torch.empty(bucket.padded_numel, dtype=master.dtype, device=self.device)
+            settle([all_gather_flat(full, master.to(self.device), self.group)])
             for index in bucket.params:
                 record = self.layout.params[index]
                 self.params[index].data = full.narrow(0, record.offset, record.numel).view(record.shape)

@@ -13,12 +13,13 @@ from typing import Any
 
 import torch
 from torch import optim
+from torch.optim import optimizer as torch_optimizer
 
 from lightning_zero.sharding.collectives import all_gather_flat, all_gather_objects, settle
 from lightning_zero.sharding.layout import Layout, ShardSlice
 from lightning_zero.sharding.state import FullSource, StateSource
 
-__all__ = ["ELEMENTWISE_OPTIMIZERS", "ShardedOptimizer", "check_elementwise"]
+__all__ = ["ELEMENTWISE_OPTIMIZERS", "ShardedOptimizer", "check_elementwise", "check_host_steppable"]
 
 ELEMENTWISE_OPTIMIZERS: frozenset[type[optim.Optimizer]] = frozenset(
     {
@@ -66,6 +67,40 @@ def check_elementwise(optimizer: optim.Optimizer, allow_unknown: bool = False) -
     )
 
 
+def check_host_steppable(optimizer: optim.Optimizer) -> None:
+    """Raise unless ``optimizer`` can step tensors in CPU memory, as ``ZeroConfig(offload="optimizer")`` needs.
+
+    Checked at engine construction, before any parameter moves, so a refusal costs nothing. ``capturable=True``
+    (CUDA-graph capture) keeps step counters on the accelerator and asserts against CPU tensors; ``fused=True``
+    needs a CPU kernel (torch has them for Adam, AdamW, SGD and Adagrad; this build is asked); ``Fused*``
+    classes (apex, DeepSpeed) are CUDA multi-tensor kernels.
+    """
+    name = type(optimizer).__name__
+    fix = "or keep the optimizer state on the device with offload='none'"
+    if name.startswith("Fused"):
+        raise ValueError(
+            f"{name} runs CUDA-only fused kernels, and offload='optimizer' steps on the CPU: use the torch.optim "
+            f"equivalent (e.g. torch.optim.AdamW), {fix}"
+        )
+    for index, group in enumerate(optimizer.param_groups):
+        if group.get("capturable"):
+            raise ValueError(
+                f"{name} was built with capturable=True (param group {index}), which steps only accelerator "
+                f"tensors, and offload='optimizer' steps on the CPU: drop capturable=True, {fix}"
+            )
+        if group.get("fused") and not _cpu_has_fused_kernels():
+            raise ValueError(
+                f"{name} was built with fused=True (param group {index}), and this torch build has no fused CPU "
+                f"kernel for offload='optimizer' to step with: drop fused=True, {fix}"
+            )
+
+
+def _cpu_has_fused_kernels() -> bool:
+    """Whether this torch build's fused optimizer kernels run on the CPU (from torch 2.4 on)."""
+    supported = getattr(torch_optimizer, "_get_fused_kernels_supported_devices", None)  # private, hence getattr
+    return supported is not None and "cpu" in supported()
+
+
 _Entry = tuple[ShardSlice, torch.Tensor, torch.Tensor]  # (slice, master view, gradient view)
 
 
@@ -81,7 +116,11 @@ class ShardedOptimizer:
         grad_shards: Mapping[int, torch.Tensor],
         fqn_of: Mapping[torch.Tensor, str],
         allow_unknown: bool = False,
+        device: torch.device | None = None,
     ) -> None:
+        """``masters`` and ``grad_shards`` (bucket index -> this rank's 1-D slice) are what the optimizer steps
+        and reads; they may live in host memory (offload). ``device`` is where collectives run (the
+        parameters' device; default: the masters')."""
         check_elementwise(optimizer, allow_unknown)
         # State the optimizer already holds (Adagrad makes it at construction; a resumed optimizer has it)
         # is kept: each rank slices out its part below.
@@ -89,7 +128,9 @@ class ShardedOptimizer:
         self.optimizer = optimizer
         self.layout = layout
         self.rank = rank
-        self.device = next(iter(masters.values())).device if masters else torch.device("cpu")
+        if device is None:
+            device = next(iter(masters.values())).device if masters else torch.device("cpu")
+        self.device = device  # NCCL gathers device tensors only, wherever the state itself lives
         self.param_fqns: list[list[str]] = [[fqn_of[p] for p in g["params"]] for g in optimizer.param_groups]
         self.entries: dict[int, list[_Entry]] = {}
         for group_index, group in enumerate(optimizer.param_groups):
