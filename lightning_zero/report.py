@@ -16,7 +16,6 @@ from torch import optim
 
 from lightning_zero.config import OffloadName, PrecisionPolicy, ReducePolicyName, resolve_reduce_policy
 from lightning_zero.memory import HostBytes, ModelStateBytes, model_state_bytes
-from lightning_zero.sharding import collectives
 from lightning_zero.sharding.engine import ZeroEngine
 
 __all__ = ["MemoryEstimate", "OPTIMIZER_STATES", "ZeroMeasurement", "ZeroReport", "estimate_memory"]
@@ -374,7 +373,6 @@ class ZeroReport(pl.Callback):
         self.estimate: MemoryEstimate | None = None
         self.last: ZeroMeasurement | None = None
         self._engine: ZeroEngine | None = None
-        self._window_start: Counter[str] | None = None
         self._seen_step = 0
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -397,12 +395,6 @@ class ZeroReport(pl.Callback):
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._seen_step = trainer.global_step  # restored by now when resuming
-        self._window_start = None
-
-    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any,
-                             batch_idx: int) -> None:
-        if self._window_start is None:  # the first micro-batch of an optimizer step's window
-            self._window_start = Counter(collectives.traffic)
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
@@ -410,15 +402,11 @@ class ZeroReport(pl.Callback):
         if step == self._seen_step or self._engine is None:
             return  # a micro-batch inside an accumulation window
         self._seen_step = step
-        start, self._window_start = self._window_start or Counter(), None
         every = self.every_n_steps or trainer.log_every_n_steps or 1
         if step != 1 and step % every:
             return
-        # A counter cleared mid-window restarts from zero: count what it holds then.
-        moved = {kind: total - start[kind] if total >= start[kind] else total
-                 for kind, total in collectives.traffic.items()}
-        self.last = ZeroMeasurement(step, model_state_bytes(self._engine),
-                                    {kind: n for kind, n in moved.items() if n})
+        # The engine's own per-step window (also ZeroStrategy.communication() and the benchmarks' numbers).
+        self.last = ZeroMeasurement(step, model_state_bytes(self._engine), dict(self._engine.last_step_traffic))
         if trainer.is_global_zero:
             metrics = self.last.metrics()
             for logger in trainer.loggers:

@@ -264,6 +264,12 @@ class ZeroStrategy(DDPStrategy):
             return contextlib.nullcontext(list(params) if params is not None else [])
         return self.engines[0].gathered_parameters(params, modifier_rank)
 
+    def communication(self) -> dict[str, int]:
+        """Logical bytes by collective kind (reduce_scatter, all_gather, all_reduce, broadcast) that this
+        rank's last optimizer step moved, its micro-batches included; the numbers ``ZeroReport`` and the
+        benchmarks read. Logical as the ZeRO paper counts: gloo sends a reduce-scatter as an all-reduce."""
+        return dict(self.engines[0].last_step_traffic) if self.engines else {}
+
     def grad_norm(self, norm_type: float = 2.0) -> torch.Tensor:
         """Global norm of the (reduced, averaged) gradient; a collective, for ``on_before_optimizer_step``."""
         if not self.engines:
@@ -429,6 +435,7 @@ class ZeroStrategy(DDPStrategy):
     def _release_after_loop(self) -> None:
         for engine in self.engines:
             engine.release_all()
+            engine.discard_traffic()  # evaluation gathers are not the next optimizer step's traffic
 
     @override
     def on_validation_start(self) -> None:

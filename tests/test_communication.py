@@ -64,3 +64,35 @@ def test_collectives_per_micro_batch(pools, stage, policy) -> None:
         assert result["grads_after_backward"][-1] == trainable_params
     else:  # stage 2 hands every reduced gradient over and frees it
         assert result["grads_after_backward"][-1] == 0
+
+
+def per_step_counters(stage: int) -> dict[str, object]:
+    """``ZeroStrategy.communication()`` per optimizer step through the Trainer, with validation in between."""
+    import lightning.pytorch as pl
+
+    from lightning_zero import ZeroStrategy
+    from tests.lit_helpers import LitLoops, loader, trainer
+
+    seen: list[dict[str, int]] = []
+
+    class Record(pl.Callback):
+        def on_train_batch_end(self, trainer: pl.Trainer, *_: object) -> None:
+            seen.append(trainer.strategy.communication())
+
+    fit = trainer(ZeroStrategy(stage=stage, bucket_numel=150), max_steps=4, val_check_interval=1,
+                  check_val_every_n_epoch=None, limit_val_batches=1, callbacks=[Record()])
+    module = LitLoops("sgd")
+    fit.fit(module, loader(8, 1), loader(1, 1))
+    engine = fit.strategy.engines[0]
+    padded = sum(b.padded_numel for b in engine.layout.buckets if b.trainable) * 4
+    return {"seen": seen, "padded_trainable_bytes": padded}
+
+
+@pytest.mark.parametrize("stage", [2, 3])
+def test_strategy_reports_each_steps_communication(pools, stage: int) -> None:
+    result = pools(2).run(per_step_counters, stage)[0]
+    seen = result["seen"]
+    print(f"zero{stage} per step: {seen[-1]}")
+    assert len(seen) == 4 and all(step == seen[1] for step in seen[1:])  # validation gathers left out
+    # every trainable bucket's fp32 gradient is reduce-scattered once per step (accumulate 1)
+    assert seen[-1]["reduce_scatter"] == result["padded_trainable_bytes"]

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
@@ -33,6 +34,7 @@ from lightning_zero.sharding.collectives import (
     all_reduce,
     broadcast_from_first,
     settle,
+    traffic,
 )
 from lightning_zero.sharding.gradients import GradientReducer
 from lightning_zero.sharding.init import PendingChunk, pending_chunks
@@ -147,6 +149,10 @@ class ZeroEngine:
             device=self.device,
         )
         self._had_grad: list[bool] | None = None
+        #: Logical bytes by collective kind (``collectives.traffic``) that the last optimizer step's window
+        #: moved on this rank: its micro-batches' gathers and reductions, the step and the all-gather after.
+        self.last_step_traffic: dict[str, int] = {}
+        self._traffic_mark: Counter[str] = Counter(traffic)
         # The factor the loss was multiplied by before backward (fp16 loss scaling sets it), divided out
         # once when the gradients are reduced.
         self.loss_scale = 1.0
@@ -381,6 +387,18 @@ class ZeroEngine:
         """Clear gradients and start a new accumulation window (also done at the end of ``step``)."""
         self.reducer.zero_grad()
         self._had_grad = None
+        self._close_traffic_window()
+
+    def _close_traffic_window(self) -> None:
+        """Record what the window that just ended (its micro-batches, reductions, step and gathers) moved."""
+        moved = {kind: total - self._traffic_mark.get(kind, 0) if total >= self._traffic_mark.get(kind, 0) else total
+                 for kind, total in traffic.items()}  # a counter cleared mid-window restarts from zero
+        self.last_step_traffic = {kind: n for kind, n in moved.items() if n}
+        self._traffic_mark = Counter(traffic)
+
+    def discard_traffic(self) -> None:
+        """Leave what moved since the last step out of the next step's window (evaluation loops in fit)."""
+        self._traffic_mark = Counter(traffic)
 
     # ------------------------------------------------------------------ state
     def full_state_dict(self) -> dict[str, Any]:
