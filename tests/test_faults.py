@@ -359,3 +359,25 @@ def test_repeated_fits_leak_no_hooks_or_memory(pools, stage: int) -> None:
 def test_timeout_reaches_the_process_group() -> None:
     strategy = ZeroStrategy(timeout=timedelta(seconds=7))
     assert strategy._timeout == timedelta(seconds=7)
+
+
+def nonfinite_detection() -> dict[str, Any]:
+    """The engine's check: large finite gradients whose sum overflows are finite; one NaN on rank 1 is not."""
+    from tests.helpers import build_model, train_zero
+
+    engine, _ = train_zero(build_model(), "sgd", 1, ZeroConfig(stage=2, bucket_numel=150))
+    engine.reduce_gradients()
+    shard = engine.grad_shards()[0]
+    shard.fill_(3e38)  # finite, but two of them sum to inf
+    large = engine.nonfinite_ranks()
+    if dist.get_rank() == 1:
+        shard[-1] = float("nan")
+    nan = engine.nonfinite_ranks(loss_nonfinite=dist.get_rank() == 0)
+    engine.close()
+    return {"large": large, "nan": nan}
+
+
+def test_nonfinite_check_is_exact(pools) -> None:
+    for result in pools(2).run(nonfinite_detection):
+        assert result["large"] == ([], [])
+        assert result["nan"] == ([0], [1])
