@@ -119,8 +119,9 @@ _COLLECTIVES: dict[str, tuple[str, Callable[[dict[str, Any]], int]]] = {
 }
 
 
-def _counting(name: str, original: Callable[..., Any]) -> Callable[..., Any]:
-    kind, size = _COLLECTIVES[name]
+def _counting(name: str, original: Callable[..., Any],
+              as_kind: tuple[str, Callable[[dict[str, Any]], int]] | None = None) -> Callable[..., Any]:
+    kind, size = as_kind or _COLLECTIVES[name]
     signature = inspect.signature(original)
 
     @functools.wraps(original)
@@ -145,6 +146,7 @@ def install_counters() -> None:
 
     from lightning_zero.sharding import collectives
 
+    plain_all_reduce = distributed_c10d.all_reduce
     for name in _COLLECTIVES:
         original = getattr(distributed_c10d, name, None)
         if original is None:
@@ -155,6 +157,9 @@ def install_counters() -> None:
             setattr(dist, name, wrapped)
     collectives._reduce_scatter = dist.reduce_scatter_single
     collectives._all_gather = dist.all_gather_single
+    # On gloo lightning_zero runs a reduce-scatter as an in-place all-reduce: count it as the reduce-scatter.
+    collectives._all_reduce_for_reduce_scatter = _counting(
+        "all_reduce", plain_all_reduce, ("reduce_scatter", lambda a: _nbytes([a["tensor"]])))
 
 
 # ----------------------------------------------------------------------------------------------- memory

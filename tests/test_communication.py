@@ -15,16 +15,22 @@ def count_collectives(stage: int, policy: str, accumulate: int) -> dict[str, obj
     engine, _ = train_zero(model, "sgd", 0, ZeroConfig(stage=stage, bucket_numel=150, reduce_policy=policy))
     calls: list[tuple[str, torch.dtype]] = []
     original_rs, original_ag = collectives._reduce_scatter, collectives._all_gather
+    original_ar = collectives._all_reduce_for_reduce_scatter  # how gloo runs a reduce-scatter
 
     def reduce_scatter(output, flat, **kwargs):
         calls.append(("reduce_scatter", flat.dtype))
         return original_rs(output, flat, **kwargs)
+
+    def reduce_scatter_by_all_reduce(flat, **kwargs):
+        calls.append(("reduce_scatter", flat.dtype))
+        return original_ar(flat, **kwargs)
 
     def all_gather(flat, shard, **kwargs):
         calls.append(("all_gather", flat.dtype))
         return original_ag(flat, shard, **kwargs)
 
     collectives._reduce_scatter, collectives._all_gather = reduce_scatter, all_gather
+    collectives._all_reduce_for_reduce_scatter = reduce_scatter_by_all_reduce
     per_micro_batch = []
     grads_after_backward = []
     try:
@@ -42,6 +48,7 @@ def count_collectives(stage: int, policy: str, accumulate: int) -> dict[str, obj
         at_step = [name for name, _ in calls[before:]]
     finally:
         collectives._reduce_scatter, collectives._all_gather = original_rs, original_ag
+        collectives._all_reduce_for_reduce_scatter = original_ar
     trainable = sum(b.trainable for b in engine.layout.buckets)
     engine.close()
     return {"per_micro_batch": per_micro_batch, "at_step": at_step, "trainable": trainable,
