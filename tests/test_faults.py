@@ -286,6 +286,7 @@ class Sampler(pl.Callback):
             import gc
 
             self.rss.append((trainer.global_step, _rss()))
+            gc.collect()  # count what is alive, not cycles awaiting collection
             self.live_tensors.append(sum(1 for o in gc.get_objects() if isinstance(o, torch.Tensor)))
             engines = getattr(trainer.strategy, "engines", [])
             self.tensor_bytes.append(model_state_bytes(engines[0]).total if engines else 0)

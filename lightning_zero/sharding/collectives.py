@@ -80,14 +80,18 @@ class _SliceOfAllReduce:
     """The handle of a reduce-scatter run as an in-place all-reduce: waiting copies this rank's slice out."""
 
     def __init__(self, work: Work, output: torch.Tensor, flat: torch.Tensor, rank: int) -> None:
-        self.work, self.output, self.flat, self.rank = work, output, flat, rank
+        self.work, self.rank = work, rank
+        self.output: torch.Tensor | None = output
+        self.flat: torch.Tensor | None = flat
 
     def wait(self) -> bool:
         self.work.wait()
-        size = self.output.numel()
-        owned = self.flat.narrow(0, self.rank * size, size)
-        if owned.data_ptr() != self.output.data_ptr():
-            self.output.copy_(owned)
+        if self.output is not None and self.flat is not None:
+            size = self.output.numel()
+            owned = self.flat.narrow(0, self.rank * size, size)
+            if owned.data_ptr() != self.output.data_ptr():
+                self.output.copy_(owned)
+        self.output = self.flat = None  # the handle outlives the wait (settle keeps it); the buffers need not
         return True
 
 
