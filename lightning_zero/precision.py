@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import lightning.pytorch as pl
 import torch
@@ -113,7 +113,7 @@ class ZeroPrecision(Precision):
         if trainer is not None and not isinstance(trainer.strategy, ZeroStrategy):
             raise ValueError(
                 f"ZeroPrecision works only with ZeroStrategy, not {type(trainer.strategy).__name__}: use "
-                "strategy='zero1' or 'zero2', or drop ZeroPrecision and pass precision=... to the Trainer"
+                "strategy='zero1', 'zero2' or 'zero3', or drop ZeroPrecision and pass precision=... to the Trainer"
             )
         if self.policy.master == self.policy.storage and self.policy.storage != torch.float32:
             module = module.to(self.policy.storage)
@@ -213,8 +213,8 @@ def _dtype(value: torch.dtype | str) -> torch.dtype:
     if isinstance(value, torch.dtype):
         return value
     name = str(value).removeprefix("torch.")
-    if name not in ("float32", "bfloat16", "float16"):
-        raise ValueError(f"dtype must be float32, bfloat16 or float16 (or a torch dtype), got {value!r}")
+    if name not in get_args(DTypeName):
+        raise ValueError(f"dtype must be one of {get_args(DTypeName)} (or a torch dtype), got {value!r}")
     return getattr(torch, name)
 
 

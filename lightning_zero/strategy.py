@@ -428,38 +428,19 @@ class ZeroStrategy(DDPStrategy):
     # ------------------------------------------------------------------ evaluation inside fit
     # Stage 3 gathers the whole model once for a no-grad loop, so ranks that run different numbers of
     # forward calls (uneven last batches, generation of different lengths) never wait on each other.
-    def _gather_for_loop(self) -> None:
+    @override
+    def on_validation_start(self) -> None:
         for engine in self.engines:
             engine.gather_all()
 
-    def _release_after_loop(self) -> None:
+    @override
+    def on_validation_end(self) -> None:
         for engine in self.engines:
             engine.release_all()
             engine.discard_traffic()  # evaluation gathers are not the next optimizer step's traffic
 
-    @override
-    def on_validation_start(self) -> None:
-        self._gather_for_loop()
-
-    @override
-    def on_validation_end(self) -> None:
-        self._release_after_loop()
-
-    @override
-    def on_test_start(self) -> None:
-        self._gather_for_loop()
-
-    @override
-    def on_test_end(self) -> None:
-        self._release_after_loop()
-
-    @override
-    def on_predict_start(self) -> None:
-        self._gather_for_loop()
-
-    @override
-    def on_predict_end(self) -> None:
-        self._release_after_loop()
+    on_test_start = on_predict_start = on_validation_start
+    on_test_end = on_predict_end = on_validation_end
 
     # ------------------------------------------------------------------ teardown and names
     @override
