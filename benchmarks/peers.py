@@ -160,6 +160,9 @@ def install_counters() -> None:
     # On gloo lightning_zero runs a reduce-scatter as an in-place all-reduce: count it as the reduce-scatter.
     collectives._all_reduce_for_reduce_scatter = _counting(
         "all_reduce", plain_all_reduce, ("reduce_scatter", lambda a: _nbytes([a["tensor"]])))
+    # ... and an all-gather as one broadcast per rank of its slice (not counted again inside).
+    collectives._all_gather_by_broadcasts = _counting(
+        "all_gather", collectives._all_gather_by_broadcasts, ("all_gather", lambda a: _nbytes([a["flat"]])))
 
 
 # ----------------------------------------------------------------------------------------------- memory

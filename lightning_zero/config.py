@@ -29,7 +29,10 @@ class ZeroConfig:
     ``reduce_policy``: when gradients are reduced under accumulation; see ``resolve_reduce_policy``.
     ``allow_unknown_optimizer``: step an optimizer class not known to be element-wise (you vouch for it).
     ``unit_numel``: stage 3 gathers a module without weights of its own (a transformer block) as one unit
-    when it holds at most this many elements (default 2**20); larger ones are opened up.
+    when it holds at most this many elements (default 2**24) and no ``ModuleList``; others are opened up.
+    ``persist_numel``: stage 3 keeps the smallest units, up to this many elements in all, gathered on every
+    rank instead of gathering them at each use (embeddings, final norms); ``None`` (default): the smaller of
+    2**17 and 1/64 of the model; 0: every unit is gathered at use.
     ``offload``: ``"optimizer"`` keeps this rank's master slices and optimizer state in host (CPU) memory
     and steps the optimizer there (ZeRO-Offload): the device keeps parameters and gradients only, and each
     step copies the gradient slice to the host and the updated slice back. ``"none"`` keeps all on the device.
@@ -39,7 +42,8 @@ class ZeroConfig:
     bucket_numel: int = 2**23
     reduce_policy: ReducePolicyName = "auto"
     allow_unknown_optimizer: bool = False
-    unit_numel: int = 2**20
+    unit_numel: int = 2**24
+    persist_numel: int | None = None
     offload: OffloadName = "none"
 
     def __post_init__(self) -> None:
@@ -52,6 +56,9 @@ class ZeroConfig:
             raise ValueError(f"bucket_numel must be a positive integer, got {self.bucket_numel!r}")
         if not isinstance(self.unit_numel, int) or self.unit_numel < 0:
             raise ValueError(f"unit_numel must be a non-negative integer, got {self.unit_numel!r}")
+        if self.persist_numel is not None and (not isinstance(self.persist_numel, int) or self.persist_numel < 0):
+            raise ValueError(f"persist_numel must be a non-negative integer or None (automatic), got "
+                             f"{self.persist_numel!r}")
         if self.reduce_policy not in _POLICIES:
             raise ValueError(f"reduce_policy must be one of {_POLICIES}, got {self.reduce_policy!r}")
         if self.offload not in _OFFLOADS:

@@ -74,7 +74,10 @@ class ZeroStrategy(DDPStrategy):
         nonfinite: a NaN or inf loss or gradient outside fp16 loss scaling "raise"s, naming the step and
             the ranks, or "skip"s the step on every rank; either way no weight takes that step.
         unit_numel: stage 3 only: a module without weights of its own (a transformer block) is gathered as
-            one unit when it holds at most this many elements (default 2**20).
+            one unit when it holds at most this many elements (default 2**24) and no ``ModuleList``.
+        persist_numel: stage 3 only: the smallest units, up to this many elements in all, stay gathered
+            instead of being gathered at each use (default ``None``: the smaller of 2**17 and 1/64 of the
+            model; 0: none).
         offload: "optimizer" keeps each rank's master slices and optimizer state in CPU memory and steps the
             optimizer there (ZeRO-Offload); "none" (default) keeps everything on the device.
         timeout: how long collectives wait before failing, as for ``DDPStrategy``; it also bounds how long
@@ -100,6 +103,7 @@ class ZeroStrategy(DDPStrategy):
         state_dict_type: Literal["sharded", "full"] = "sharded",
         nonfinite: Literal["raise", "skip"] = "raise",
         unit_numel: int | None = None,
+        persist_numel: int | None = None,
         offload: Literal["none", "optimizer"] = "none",
         accelerator: pl.accelerators.Accelerator | None = None,
         parallel_devices: list[torch.device] | None = None,
@@ -113,6 +117,9 @@ class ZeroStrategy(DDPStrategy):
         if unit_numel is not None and stage != 3:
             raise ValueError(f"unit_numel sizes the modules stage 3 gathers together; it does nothing under stage "
                              f"{stage}: drop it, or use stage=3")
+        if persist_numel is not None and stage != 3:
+            raise ValueError(f"persist_numel sizes the parameters stage 3 keeps gathered; it does nothing under "
+                             f"stage {stage}: drop it, or use stage=3")
         if timeout is not None and not isinstance(timeout, timedelta):
             raise TypeError(f"timeout must be a datetime.timedelta, e.g. timedelta(minutes=10), got {timeout!r}")
         if start_method not in _START_METHODS:
@@ -121,6 +128,7 @@ class ZeroStrategy(DDPStrategy):
             stage=stage, bucket_numel=bucket_numel, reduce_policy=reduce_policy,
             allow_unknown_optimizer=allow_unknown_optimizer, offload=offload,
             **({"unit_numel": unit_numel} if unit_numel is not None else {}),
+            persist_numel=persist_numel,
         )
         super().__init__(
             accelerator=accelerator,

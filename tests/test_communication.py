@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.distributed as dist
 
 from lightning_zero import ZeroConfig
 from lightning_zero.sharding import collectives
@@ -16,6 +17,7 @@ def count_collectives(stage: int, policy: str, accumulate: int) -> dict[str, obj
     calls: list[tuple[str, torch.dtype]] = []
     original_rs, original_ag = collectives._reduce_scatter, collectives._all_gather
     original_ar = collectives._all_reduce_for_reduce_scatter  # how gloo runs a reduce-scatter
+    original_bc = collectives._all_gather_by_broadcasts  # ... and an all-gather
 
     def reduce_scatter(output, flat, **kwargs):
         calls.append(("reduce_scatter", flat.dtype))
@@ -27,10 +29,11 @@ def count_collectives(stage: int, policy: str, accumulate: int) -> dict[str, obj
 
     def all_gather(flat, shard, **kwargs):
         calls.append(("all_gather", flat.dtype))
-        return original_ag(flat, shard, **kwargs)
+        return (original_bc if dist.get_backend() == "gloo" else original_ag)(flat, shard, **kwargs)
 
     collectives._reduce_scatter, collectives._all_gather = reduce_scatter, all_gather
     collectives._all_reduce_for_reduce_scatter = reduce_scatter_by_all_reduce
+    collectives._all_gather_by_broadcasts = all_gather
     per_micro_batch = []
     grads_after_backward = []
     try:
@@ -49,6 +52,7 @@ def count_collectives(stage: int, policy: str, accumulate: int) -> dict[str, obj
     finally:
         collectives._reduce_scatter, collectives._all_gather = original_rs, original_ag
         collectives._all_reduce_for_reduce_scatter = original_ar
+        collectives._all_gather_by_broadcasts = original_bc
     trainable = sum(b.trainable for b in engine.layout.buckets)
     engine.close()
     return {"per_micro_batch": per_micro_batch, "at_step": at_step, "trainable": trainable,

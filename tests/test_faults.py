@@ -38,6 +38,8 @@ CONSTRUCTION: list[tuple[str, Callable[[], object], str]] = [
     ("bucket_numel not an int", lambda: ZeroStrategy(bucket_numel=1.5), "bucket_numel must be a positive"),  # type: ignore[arg-type]
     ("unit_numel negative", lambda: ZeroConfig(stage=3, unit_numel=-1), "unit_numel must be a non-negative"),
     ("unit_numel given to stage 2", lambda: ZeroStrategy(stage=2, unit_numel=2**16), "drop it, or use stage=3"),
+    ("persist_numel negative", lambda: ZeroStrategy(stage=3, persist_numel=-1), "persist_numel must be a non-negative"),
+    ("persist_numel given to stage 1", lambda: ZeroStrategy(stage=1, persist_numel=0), "drop it, or use stage=3"),
     ("unknown checkpoint format", lambda: ZeroStrategy(state_dict_type="dcp"),  # type: ignore[arg-type]
      "state_dict_type must be 'sharded' or 'full'"),
     ("unknown nonfinite policy", lambda: ZeroStrategy(nonfinite="ignore"),  # type: ignore[arg-type]

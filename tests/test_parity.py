@@ -14,10 +14,10 @@ TOLERANCE = 1e-5
 
 
 def parity_case(stage: int, optimizer: str, accumulate: int, policy: str, clip: tuple[str, float] | None,
-                bucket_numel: int) -> dict[str, float]:
+                bucket_numel: int, persist_numel: int | None = None) -> dict[str, float]:
     model, reference = twin_models()
     ref_losses = train_ddp(reference, optimizer, STEPS, accumulate, clip)
-    config = ZeroConfig(stage=stage, bucket_numel=bucket_numel, reduce_policy=policy)
+    config = ZeroConfig(stage=stage, bucket_numel=bucket_numel, reduce_policy=policy, persist_numel=persist_numel)
     engine, losses = train_zero(model, optimizer, STEPS, config, accumulate, clip)
     engine.materialize_module()  # stage 3: the module is whole again
     errors = relative_errors(model, reference)
@@ -88,7 +88,7 @@ class TiedNet(torch.nn.Module):
         return self.out(h)
 
 
-def tied_parity(stage: int) -> float:
+def tied_parity(stage: int, persist_numel: int | None = None) -> float:
     import copy
 
     import torch.distributed as dist
@@ -102,7 +102,7 @@ def tied_parity(stage: int) -> float:
     ddp = DistributedDataParallel(reference)
     ref_opt = torch.optim.SGD(reference.parameters(), lr=0.1, momentum=0.9)
     engine = ZeroEngine(model, torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9),
-                        ZeroConfig(stage=stage, bucket_numel=40))
+                        ZeroConfig(stage=stage, bucket_numel=40, persist_numel=persist_numel))
     for step in range(STEPS):
         gen = torch.Generator().manual_seed(step * 10 + dist.get_rank())
         tokens = torch.randint(0, 10, (4, 5), generator=gen)

@@ -38,6 +38,83 @@ def test_stage3_tied_weights_and_reused_layer(pools) -> None:
     assert max(errors) <= TOLERANCE
 
 
+def test_stage3_parity_with_persistent_units(pools) -> None:
+    """Some units left out as persistent (TinyNet's embed, norm and head; TiedNet's mix), the rest gathered
+    at use, with the tied embedding and output layer gathered together."""
+    result = pools(3).run(parity_case, 3, "adamw", 4, "boundary", None, 150, 200)[0]
+    tied = max(pools(3).run(tied_parity, 3, 100))
+    print(f"stage 3 with persistent units: worst {result['worst_param']:.2e}, tied {tied:.2e}")
+    assert result["worst_param"] <= TOLERANCE and result["worst_loss"] <= TOLERANCE and tied <= TOLERANCE
+
+
+class Blocks(torch.nn.Module):
+    """Embedding, a stack of three MLP blocks, a final norm and an output layer tied to the embedding."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.tokens = torch.nn.Embedding(50, 16)  # 800
+        self.layers = torch.nn.ModuleList(  # 2,128 each
+            torch.nn.Sequential(torch.nn.Linear(16, 64), torch.nn.GELU(), torch.nn.Linear(64, 16)) for _ in range(3)
+        )
+        self.norm = torch.nn.LayerNorm(16)  # 32
+        self.head = torch.nn.Linear(16, 50, bias=False)
+        self.head.weight = self.tokens.weight
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.tokens(x)
+        for layer in self.layers:
+            h = h + layer(h)
+        return self.head(self.norm(h))
+
+
+class Wrapper(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.model = Blocks()
+
+
+def test_units_keep_blocks_whole_open_stacks_and_persist_the_smallest() -> None:
+    from lightning_zero.sharding.parameters import module_units
+
+    model = Blocks()
+    blocks = ("layers.0", "layers.1", "layers.2")
+    assert module_units(model, 2**24, 0) == ("tokens", *blocks, "norm", "head")
+    # a module holding the stack is opened up whatever its size; a block over unit_numel is opened up too
+    assert module_units(Wrapper(), 2**24, 0) == tuple(f"model.{u}" for u in ("tokens", *blocks, "norm", "head"))
+    assert module_units(model, 2000, 0)[1:3] == ("layers.0.0", "layers.0.2")
+    # smallest first, up to the budget; the tied head (no weights of its own) only with the embedding
+    assert module_units(model, 2**24, 831) == ("tokens", *blocks, "head")
+    assert module_units(model, 2**24, 832) == blocks
+    # automatic: the smaller of 2**17 and 1/64 of the model (7,216 // 64 = 112): the norm only
+    assert module_units(model, 2**24, None) == ("tokens", *blocks, "head")
+
+
+def persistent_bytes() -> dict[str, int]:
+    torch.manual_seed(0)
+    model = Blocks()
+    engine = ZeroEngine(model, torch.optim.AdamW(model.parameters()), ZeroConfig(stage=3, persist_numel=832))
+    gen = torch.Generator().manual_seed(dist.get_rank())
+    model(torch.randint(0, 50, (4, 6), generator=gen)).square().mean().backward()
+    engine.step()
+    held = model_state_bytes(engine)
+    out = {"world": dist.get_world_size(), "parameters": held.parameters, "gradients": held.gradients,
+           "gathered": sorted(engine.sharder.gathered), "persistent": sorted(engine.sharder.persistent)}
+    engine.close()
+    return out
+
+
+@pytest.mark.parametrize("world_size", [3])
+def test_persistent_units_hold_one_full_copy_and_shard_the_rest(pools, world_size: int) -> None:
+    for got in pools(world_size).run(persistent_bytes):
+        n = got["world"]
+        shard = -(-2128 // n)  # each block's bucket, padded to a multiple of N, then split
+        whole = -(-832 // n) * n  # the persistent bucket (tokens with the tied head, norm), padded
+        print(f"N={n}: parameters {got['parameters']:,} bytes, gradients {got['gradients']:,}")
+        assert got["gathered"] == got["persistent"] and len(got["persistent"]) == 1
+        assert got["parameters"] == 4 * (3 * shard + whole)  # full copy of the persistent bucket, no extra shard
+        assert got["gradients"] == 4 * (3 * shard + whole // n)  # gradients sharded everywhere
+
+
 def stage3_bytes() -> dict[str, int]:
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(256, 384), torch.nn.GELU(), torch.nn.Linear(384, 256),
@@ -223,12 +300,13 @@ def sharded_init_matches_plain_init() -> dict[str, float]:
     after_build = sum(p.numel() for p in model.parameters())
     engine = ZeroEngine(model, torch.optim.SGD(model.parameters(), lr=0.1), ZeroConfig(stage=3))
     held = model_state_bytes(engine).parameters
+    units = list(engine.units)
     engine.materialize_module()
     worst = max((p - q).abs().max().item() for p, q in zip(model.parameters(), plain.parameters()))
     engine.close()
     layer = 32 * 33 * 4
     return {"worst": worst, "peak": state.peak_bytes, "whole": whole, "layer": layer, "after_build": after_build,
-            "held": held, "world": dist.get_world_size()}
+            "held": held, "world": dist.get_world_size(), "units": units}
 
 
 @pytest.mark.parametrize("world_size", [2, 4])
@@ -240,7 +318,10 @@ def test_sharded_init_never_builds_the_whole_model(pools, world_size: int) -> No
         assert got["worst"] == 0.0  # the same values as building the model plainly
         assert got["after_build"] == 0  # every parameter is an empty placeholder after building
         assert got["peak"] <= got["whole"] / n * 1.05 + got["layer"]
-        assert abs(got["held"] - got["whole"] / n) <= 0.02 * got["whole"] / n
+        # 1/N of everything but the head (132 elements, under the automatic persist_numel of 8,580 // 64)
+        held = (got["whole"] - 132 * 4) / n + 132 * 4
+        assert got["units"] == [f"layers.{i}" for i in range(8)]
+        assert abs(got["held"] - held) <= 0.02 * held
 
 
 class LitStack(pl.LightningModule):

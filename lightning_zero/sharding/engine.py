@@ -110,7 +110,8 @@ class ZeroEngine:
         # just lock pages.
         self._pin = self.offload and torch.cuda.is_available() and self.device.type == "cuda"
 
-        self.units = module_units(module, self.config.unit_numel) if self.config.stage == 3 else ()
+        self.units = (module_units(module, self.config.unit_numel, self.config.persist_numel)
+                      if self.config.stage == 3 else ())
         grouping = ByModule(self.units) if self.config.stage == 3 else BySize(self.config.bucket_numel)
         chunks = {param: pending_chunks[param] for _, param in named if param in pending_chunks}
         if chunks and self.config.stage < 3:  # built under sharded_init but not sharded here: make whole
@@ -221,8 +222,8 @@ class ZeroEngine:
                 param.data = flat.narrow(0, record.offset, record.numel).view(record.shape)
             lo, hi = bucket.shard_range(self.rank)
             owned = flat.narrow(0, lo, hi - lo)
-            if self.config.stage == 3:
-                owned = self.param_shards[bucket.index] = owned.clone()
+            if self.config.stage == 3:  # a copy that outlives the full buffer; see [Note: persistent parameters]
+                owned = self.param_shards[bucket.index] = owned.clone() if bucket.unit else owned
             if bucket.trainable:
                 value = original.narrow(0, lo, hi - lo)
                 if self.offload:
@@ -375,7 +376,7 @@ class ZeroEngine:
                 works.append(all_gather_flat(flat, owned, self.group))
         settle(works)
         if self.sharder is not None:
-            self.sharder.refresh_persistent()
+            self.sharder.after_step()
 
     def gather_all(self) -> None:
         """Stage 3: keep the whole model gathered (a no-grad loop); no-op otherwise. A collective."""
@@ -535,7 +536,7 @@ class ZeroEngine:
                     for target in targets:
                         target.narrow(0, piece.shard_offset, piece.numel).copy_(value)
         if self.sharder is not None:
-            self.sharder.refresh_persistent()
+            self.sharder.after_step()
         if optimizer:
             self.optimizer.load_state(source)
 

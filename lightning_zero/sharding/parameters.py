@@ -13,6 +13,15 @@ included) in a forward pre-hook and releases them after its forward; a hook on i
 again before its backward. A bucket is released in backward once its gradients are handed to the
 reduce-scatter, and everything still gathered is released when backward ends. Parameters that the root
 owns itself (no unit holds them) stay gathered.
+
+[Note: persistent parameters]
+Each unit costs an all-gather in forward and another in backward, and on gloo a small collective costs
+about as much as a large one (0.2 ms median, with a tail of 4 ms wake-ups on this repository's 2-core
+benchmark machine). So the smallest units, up to ``persist_numel`` elements in all, are not units: their
+parameters join the root's, in one bucket that stays gathered and is refreshed by one all-gather after each
+step, as DeepSpeed's ``stage3_param_persistence_threshold`` keeps small parameters. Their gradients are
+still reduce-scattered and their optimizer state still sharded; the memory cost is the full copy of at most
+``persist_numel`` elements per rank instead of a 1/N slice.
 """
 
 from __future__ import annotations
@@ -30,24 +39,63 @@ from lightning_zero.sharding.layout import Layout
 __all__ = ["ParameterSharder", "module_units"]
 
 
-def module_units(module: torch.nn.Module, unit_numel: int = 0, prefix: str = "") -> tuple[str, ...]:
-    """Stage 3's gather units. A module with weights of its own is a unit with its whole subtree, which
-    covers modules that use a child's weights without calling it (``MultiheadAttention`` reads
-    ``out_proj.weight`` directly). Modules without weights of their own are opened up (a LightningModule's
-    ``self.model``, ``ModuleList``), except that one holding at most ``unit_numel`` elements in all (a
-    transformer block) is kept whole as one unit: fewer, larger all-gathers."""
+def module_units(module: torch.nn.Module, unit_numel: int = 0, persist_numel: int | None = 0) -> tuple[str, ...]:
+    """Stage 3's gather units: one all-gather each in forward and in backward.
+
+    A module with weights of its own is a unit with its whole subtree, which covers modules that use a
+    child's weights without calling it (``MultiheadAttention`` reads ``out_proj.weight`` directly). Modules
+    without weights of their own are opened up (a LightningModule's ``self.model``, ``ModuleList``), except
+    that one holding at most ``unit_numel`` elements and no ``ModuleList`` or ``ModuleDict`` (a transformer
+    block, not the stack of them) is kept whole: fewer, larger all-gathers.
+
+    Then the smallest units, up to ``persist_numel`` elements in all (``None``: the smaller of 2**17 and
+    1/64 of the module's elements), are left out: their parameters join the ones the root owns, which stay
+    gathered on every rank. An embedding or a final norm then costs no collective per use (see
+    [Note: persistent parameters]).
+    """
+    units = _units(module, unit_numel, "")
+    if persist_numel is None:
+        persist_numel = min(2**17, _numel(module.parameters()) // 64)
+    by_length = sorted(units, key=len, reverse=True)
+    owner = {}  # parameter -> the unit whose bucket holds it (the one of its first name), as ByModule does
+    for fqn, param in module.named_parameters():
+        owner[param] = next((unit for unit in by_length if fqn == unit or fqn.startswith(unit + ".")), "")
+    own = {unit: _numel(p for p, u in owner.items() if u == unit) for unit in units}
+    # A unit can stay gathered only with every unit whose weights it uses (a tied output layer with its
+    # embedding), else nothing would gather those weights for its forward.
+    uses = {unit: {owner[p] for p in module.get_submodule(unit).parameters()} - {unit, ""} for unit in units}
+    persistent: set[str] = set()
+    total, grew = 0, True
+    while grew:
+        grew = False
+        for unit in sorted(units, key=own.__getitem__):  # stable: equal sizes keep forward order
+            if unit in persistent or not uses[unit] <= persistent:
+                continue
+            if total + own[unit] > persist_numel:
+                break
+            total += own[unit]
+            persistent.add(unit)
+            grew = True
+    return tuple(unit for unit in units if unit not in persistent)
+
+
+def _numel(params: Iterable[torch.nn.Parameter]) -> int:
+    """Elements of ``params`` as built (a parameter built sharded counts whole), each tied one once."""
+    return sum(pending_chunks[p].numel if p in pending_chunks else p.numel() for p in set(params))
+
+
+def _units(module: torch.nn.Module, unit_numel: int, prefix: str) -> list[str]:
     units: list[str] = []
     for name, child in module.named_children():
         fqn = f"{prefix}{name}"
         params = list(child.parameters())
-        numel = sum(pending_chunks[p].numel if p in pending_chunks else p.numel() for p in params)
         owns = any(p is not None for p in child._parameters.values())
-        container = isinstance(child, (torch.nn.ModuleList, torch.nn.ModuleDict))
-        if not owns and any(True for _ in child.children()) and (container or numel > unit_numel):
-            units.extend(module_units(child, unit_numel, prefix=f"{fqn}."))
+        stack = any(isinstance(m, (torch.nn.ModuleList, torch.nn.ModuleDict)) for m in child.modules())
+        if not owns and any(True for _ in child.children()) and (stack or _numel(params) > unit_numel):
+            units.extend(_units(child, unit_numel, prefix=f"{fqn}."))
         elif params:
             units.append(fqn)
-    return tuple(units)
+    return units
 
 
 class ParameterSharder:
@@ -85,15 +133,13 @@ class ParameterSharder:
         self._callback_queued = False
         self._handles: list[RemovableHandle] = []
         bucket_of = {id(params[r.index]): r.bucket for r in layout.params}
-        covered: set[int] = set()
         for unit in units:
             sub = module.get_submodule(unit)
-            members = [p for _, p in sub.named_parameters(remove_duplicate=False)]
-            covered.update(id(p) for p in members)
-            self._hook(sub, sorted({bucket_of[id(p)] for p in members}))
-        # Parameters the root owns itself stay gathered: the root's forward is not always called (a
-        # LightningModule's training_step calls its submodules), so no hook could gather them in time.
-        self.persistent = {bucket_of[id(p)] for p in module.parameters() if id(p) not in covered}
+            self._hook(sub, sorted({bucket_of[id(p)] for _, p in sub.named_parameters(remove_duplicate=False)}))
+        # The buckets of parameters no unit owns (the root's own, and the units left out as persistent) stay
+        # gathered: the root's forward is not always called (a LightningModule's training_step calls its
+        # submodules), so no hook could gather them in time. Their shards are views of the full buffer.
+        self.persistent = {bucket.index for bucket in layout.buckets if not bucket.unit and bucket.index in flat_params}
         for bucket in flat_params:
             self.release([bucket])
         self.gather(self.persistent)
@@ -146,6 +192,17 @@ class ParameterSharder:
             self.flat_params[index].untyped_storage().resize_(0)
             self.gathered.discard(index)
 
+    def after_step(self) -> None:
+        """The slices changed: full copies still held (a forward whose backward never ran, a no-grad loop's)
+        are stale. Drop them, or gather them again inside a no-grad loop, and refresh the persistent ones."""
+        stale = [index for index in [*self.gathered, *self._inflight] if index not in self.persistent]
+        held, self.hold_all = self.hold_all, False
+        self.release(stale)
+        self.hold_all = held
+        self.refresh_persistent()
+        if held:
+            self.gather(stale)
+
     def refresh_persistent(self) -> None:
         """Re-gather the always-gathered buckets after their slices changed (a step, a load)."""
         works = [all_gather_flat(self.flat_params[i], self.shards[i], self.group) for i in sorted(self.persistent)]
@@ -183,11 +240,16 @@ class ParameterSharder:
 
     def _post_forward(self, needed: list[int]):  # noqa: ANN202
         def hook(module: torch.nn.Module, args: object, output: object) -> None:
+            backward_follows = False
             if torch.is_grad_enabled():
                 for tensor in _tensors(output):
                     if tensor.requires_grad:
                         tensor.register_hook(self._pre_backward(needed))
-            self.release(needed)
+                        backward_follows = True
+            # [Note: keep the last unit] The unit that ended the previous forward is the first that backward
+            # needs: it stays gathered, one all-gather fewer per step (FSDP2 does not reshard its root either).
+            if not (backward_follows and len(self._order) == len(self._previous_order) and not self.hold_all):
+                self.release(needed)
 
         return hook
 
