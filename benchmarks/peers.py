@@ -4,6 +4,8 @@ parameters, AdamW in fp32 on gloo.
 
     python benchmarks/peers.py                                  # the full run (about 17 minutes on 2 cores)
     python benchmarks/peers.py --sizes 5M --repeats 1 --steps 3  # a quick look
+    python benchmarks/peers.py --speed 80M:1 --memory --systems zero1 zero2 zero3 fsdp1_full_shard \
+        fsdp1_shard_grad_op fsdp2_reshard deepspeed2 --repeats 2 --steps 3 --name peers_80m_speed
 
 Speed (world size 2, each rank pinned to its own core, one thread): every repeat runs every system once, in
 turn (the order rotated by one each repeat), on the same per-rank batches; a system's time is the median
@@ -23,7 +25,7 @@ warm-up step, then one measured step:
   collectives; DDP's C++ all-reduce is routed through the stock ``allreduce_hook`` so it is seen. For
   lightning_zero the engine's own ``collectives.traffic`` (the counted wrappers must agree: checked).
   On the wire gloo runs a reduce-scatter as an all-reduce plus a chunk, so it really moves 2n there.
-Writes benchmarks/results/peers.json, peers.md and peers.png.
+Writes benchmarks/results/peers.json, peers.md and peers.png (``--name`` for another name).
 """
 
 from __future__ import annotations
@@ -836,6 +838,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=4, help="timed optimizer steps per run")
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--batch-size", type=int, default=8, help="micro-batch (sequences of 64 tokens), speed")
+    parser.add_argument("--name", default="peers",
+                        help="results go to benchmarks/results/NAME.json, .md and .png (default: peers)")
     parser.add_argument("--accounting-batch-size", type=int, default=2,
                         help="micro-batch for memory and communication (neither depends on it; peak RSS does)")
     args = parser.parse_args()
@@ -872,12 +876,12 @@ def main() -> None:
     out = HERE / "results"
     out.mkdir(exist_ok=True)
     text = table(result)
-    (out / "peers.json").write_text(json.dumps(result, indent=1))
-    (out / "peers.md").write_text(text + "\n")
-    problem = plot(result, out / "peers.png")
+    files = {kind: out / f"{args.name}.{kind}" for kind in ("json", "md", "png")}
+    files["json"].write_text(json.dumps(result, indent=1))
+    files["md"].write_text(text + "\n")
+    problem = plot(result, files["png"])
     print(text)
-    print(problem or f"wrote {out / 'peers.json'}, {out / 'peers.md'}, {out / 'peers.png'} "
-          f"in {result['wall_s'] / 60:.1f} min")
+    print(problem or f"wrote {', '.join(map(str, files.values()))} in {result['wall_s'] / 60:.1f} min")
 
 
 if __name__ == "__main__":
