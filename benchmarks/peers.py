@@ -5,7 +5,7 @@ parameters, AdamW in fp32 on gloo.
     python benchmarks/peers.py                                  # the full run (about 17 minutes on 2 cores)
     python benchmarks/peers.py --sizes 5M --repeats 1 --steps 3  # a quick look
     python benchmarks/peers.py --speed 80M:1 --memory --systems zero1 zero2 zero3 fsdp1_full_shard \
-        fsdp1_shard_grad_op fsdp2_reshard deepspeed2 --repeats 2 --steps 3 --name peers_80m_speed
+        fsdp1_shard_grad_op fsdp2_reshard deepspeed2 --repeats 3 --steps 3 --name peers_80m_speed
 
 Speed (world size 2, each rank pinned to its own core, one thread): every repeat runs every system once, in
 turn (the order rotated by one each repeat), on the same per-rank batches; a system's time is the median
