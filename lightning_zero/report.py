@@ -14,9 +14,10 @@ import lightning.pytorch as pl
 import torch
 from torch import optim
 
-from lightning_zero.config import OffloadName, PrecisionPolicy, ReducePolicyName, resolve_reduce_policy
+from lightning_zero.config import OffloadName, PrecisionPolicy, ReducePolicyName, ZeroConfig, resolve_reduce_policy
 from lightning_zero.memory import HostBytes, ModelStateBytes, model_state_bytes
 from lightning_zero.sharding.engine import ZeroEngine
+from lightning_zero.sharding.parameters import module_units
 
 __all__ = ["MemoryEstimate", "OPTIMIZER_STATES", "ZeroMeasurement", "ZeroReport", "estimate_memory"]
 
@@ -132,6 +133,8 @@ def estimate_memory(
     *,
     reduce_policy: ReducePolicyName = "auto",
     offload: OffloadName = "none",
+    unit_numel: int = ZeroConfig.unit_numel,
+    persist_numel: int | None = ZeroConfig.persist_numel,
 ) -> MemoryEstimate:
     """Model-state bytes each of ``world_size`` ranks holds after an optimizer step under ZeRO ``stage``
     (0: plain DDP), as this engine lays them out, before building anything.
@@ -144,6 +147,8 @@ def estimate_memory(
     ``ZeroStrategy``: it decides whether stage 1 reduces inside its full gradient buffer. ``offload`` as
     for ``ZeroConfig``: ``"optimizer"`` moves the master and optimizer state to ``host`` bytes and adds the
     host gradient slice there (owned elements x master itemsize each); device bytes keep the rest.
+    ``unit_numel`` and ``persist_numel`` as for ``ZeroConfig``: with a module under stage 3 they decide
+    which parameters stay whole on every rank (the root's own and the persistent units').
     """
     if isinstance(stage, bool) or stage not in _STAGES:
         raise ValueError(
@@ -153,7 +158,7 @@ def estimate_memory(
     policy = _policy(precision)
     label = precision if isinstance(precision, str) else _describe(policy)
     if isinstance(model_or_num_params, torch.nn.Module):
-        counts = _counts_of_module(model_or_num_params, policy)
+        counts = _counts_of_module(model_or_num_params, policy, unit_numel, persist_numel)
     elif isinstance(model_or_num_params, int) and not isinstance(model_or_num_params, bool):
         if model_or_num_params < 0:
             raise ValueError(f"the number of parameters must be >= 0, got {model_or_num_params}")
@@ -216,10 +221,12 @@ def _bytes(
                 trainable * states * policy.master.itemsize)
     master = owned * policy.master.itemsize if separate_master else 0
     optimizer_state = owned * states * policy.master.itemsize
-    if stage == 3:
+    if stage == 3:  # slices, except that what stays whole is its own slice (the slice is a view of it)
         frozen_owned = sum(size * math.ceil(numel / world_size) for size, numel in counts.frozen)
-        root_whole = counts.root_trainable * storage + counts.root_frozen_bytes
-        return owned * storage + frozen_owned + root_whole, owned * accumulate, master, optimizer_state
+        whole = counts.root_trainable * storage + counts.root_frozen_bytes
+        sliced = math.ceil((trainable - counts.root_trainable) / world_size) * storage
+        frozen_sliced = frozen_owned - counts.root_frozen_bytes // world_size
+        return sliced + frozen_sliced + whole, owned * accumulate, master, optimizer_state
     parameters = trainable * storage + frozen_whole
     if stage == 2:
         return parameters, owned * accumulate, master, optimizer_state
@@ -247,21 +254,25 @@ def _describe(policy: PrecisionPolicy) -> str:
             f"{short(policy.accumulate)}, master {short(policy.master)}")
 
 
-def _counts_of_module(module: torch.nn.Module, policy: PrecisionPolicy) -> _Counts:
+def _counts_of_module(module: torch.nn.Module, policy: PrecisionPolicy, unit_numel: int,
+                      persist_numel: int | None) -> _Counts:
     # *-true casts the whole module to the 16-bit dtype (ZeroPrecision.convert_module); otherwise parameters
     # without gradients keep their own dtype, and trainable ones take the policy's storage dtype.
     casts_module = policy.master == policy.storage and policy.storage != torch.float32
-    root_owned = {id(p) for p in module._parameters.values() if p is not None}
+    # Stage 3 keeps whole what no gather unit holds (the root's own parameters, the persistent units').
+    units = module_units(module, unit_numel, persist_numel)
+    whole = {id(p) for fqn, p in module.named_parameters()
+             if not any(fqn == unit or fqn.startswith(unit + ".") for unit in units)}
     trainable = root_trainable = root_frozen_bytes = 0
     frozen: Counter[int] = Counter()
     for param in module.parameters():
         if param.requires_grad:
             trainable += param.numel()
-            root_trainable += param.numel() if id(param) in root_owned else 0
+            root_trainable += param.numel() if id(param) in whole else 0
             continue
         size = policy.storage.itemsize if casts_module and param.is_floating_point() else param.element_size()
         frozen[size] += param.numel()
-        root_frozen_bytes += size * param.numel() if id(param) in root_owned else 0
+        root_frozen_bytes += size * param.numel() if id(param) in whole else 0
     return _Counts(trainable, tuple(sorted(frozen.items())), root_trainable, root_frozen_bytes)
 
 

@@ -216,8 +216,10 @@ def test_module_and_count_agree_and_frozen_parameters_hold_no_state() -> None:
     assert (frozen.trainable_params, frozen.frozen_params) == (10, 1000)
     assert frozen.parameters == 4 * 1010 and frozen.gradients == 4 * 5 and frozen.optimizer_state == 8 * 5
     assert estimate_memory(nn.Sequential(model), 3, 2).parameters == 4 * 505  # frozen ones sharded too
-    # Parameters the root module owns itself stay gathered under stage 3, beside their slice.
-    assert estimate_memory(model, 3, 2).parameters == 4 * 1010 + 4 * 505
+    # Parameters the root module owns itself stay whole under stage 3 (their slice is a view of them), and
+    # so do persistent units'.
+    assert estimate_memory(model, 3, 2).parameters == 4 * 1010
+    assert estimate_memory(nn.Sequential(model), 3, 2, persist_numel=1010).parameters == 4 * 1010
 
 
 def test_optimizer_state_is_read_from_classes_and_instances() -> None:

@@ -87,6 +87,15 @@ def test_units_keep_blocks_whole_open_stacks_and_persist_the_smallest() -> None:
     assert module_units(model, 2**24, 832) == blocks
     # automatic: the smaller of 2**17 and 1/64 of the model (7,216 // 64 = 112): the norm only
     assert module_units(model, 2**24, None) == ("tokens", *blocks, "head")
+    # a Sequential of blocks is a stack too (timm's ``self.blocks``); a Sequential of Linear layers (an MLP)
+    # or a ModuleList of them inside a small module (attention heads read directly) is not
+    timm = torch.nn.Module()
+    timm.blocks = torch.nn.Sequential(*(torch.nn.Sequential(torch.nn.Linear(4, 4)) for _ in range(3)))
+    assert module_units(timm, 2**24, 0) == ("blocks.0", "blocks.1", "blocks.2")
+    heads = torch.nn.Module()
+    heads.attention = torch.nn.Module()
+    heads.attention.heads = torch.nn.ModuleList(torch.nn.Linear(4, 4) for _ in range(3))
+    assert module_units(heads, 2**24, 0) == ("attention",)
 
 
 def persistent_bytes() -> dict[str, int]:
@@ -97,7 +106,11 @@ def persistent_bytes() -> dict[str, int]:
     model(torch.randint(0, 50, (4, 6), generator=gen)).square().mean().backward()
     engine.step()
     held = model_state_bytes(engine)
+    from lightning_zero import estimate_memory
+
+    estimate = estimate_memory(Blocks(), 3, dist.get_world_size(), "32-true", "adamw", persist_numel=832)
     out = {"world": dist.get_world_size(), "parameters": held.parameters, "gradients": held.gradients,
+           "estimated_parameters": estimate.parameters,
            "gathered": sorted(engine.sharder.gathered), "persistent": sorted(engine.sharder.persistent)}
     engine.close()
     return out
@@ -113,6 +126,7 @@ def test_persistent_units_hold_one_full_copy_and_shard_the_rest(pools, world_siz
         assert got["gathered"] == got["persistent"] and len(got["persistent"]) == 1
         assert got["parameters"] == 4 * (3 * shard + whole)  # full copy of the persistent bucket, no extra shard
         assert got["gradients"] == 4 * (3 * shard + whole // n)  # gradients sharded everywhere
+        assert 0 <= got["parameters"] - got["estimated_parameters"] <= 4 * 4 * n  # estimate_memory: padding apart
 
 
 def stage3_bytes() -> dict[str, int]:
@@ -156,12 +170,20 @@ def gathered_parameters_access(stage: int) -> dict[str, object]:
                 model.head.weight.fill_(0.25)
     with engine.gathered_parameters([model.head.weight]):
         after = model.head.weight.detach().clone()
+    scale = model.scale.detach().clone()  # owned by the root: a persistent bucket under stage 3
+    with engine.gathered_parameters([model.scale]):
+        if dist.get_rank() == 0:
+            with torch.no_grad():
+                model.scale.fill_(7.0)
+    engine.step()  # no gradients: the step leaves the weights alone and refreshes what stays gathered
+    with engine.gathered_parameters([model.scale]):
+        scale_kept = bool(torch.equal(model.scale, scale))
     engine.materialize_module()
     final = model.head.weight.detach().clone()
     state = engine.full_params()["head.weight"]
     engine.close()
     return {"outside": outside, "whole_shape": tuple(whole.shape), "after": float(after.mean()),
-            "final": float(final.mean()), "state": float(state.mean())}
+            "final": float(final.mean()), "state": float(state.mean()), "scale_kept": scale_kept}
 
 
 @pytest.mark.parametrize("stage", [1, 2, 3])
@@ -170,6 +192,8 @@ def test_gathered_parameters_read_and_write_back(pools, stage: int) -> None:
         assert result["whole_shape"] == (3, 11)
         assert result["outside"] == (0 if stage == 3 else 33)  # stage 3: an empty tensor between uses
         assert result["after"] == result["final"] == result["state"] == 0.25
+        if stage == 3:  # without modifier_rank, stage 3 discards changes, persistent parameters included
+            assert result["scale_kept"]
 
 
 class Checkpointed(torch.nn.Module):

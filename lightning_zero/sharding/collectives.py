@@ -128,14 +128,13 @@ class _AllOf:
 BROADCAST_GATHER_MAX_WORLD = 8
 
 
-def _all_gather_by_broadcasts(flat: torch.Tensor, shard: torch.Tensor, group: ProcessGroup | None = None,
-                              async_op: bool = True) -> _AllOf:
-    """gloo's all-gather path: each rank broadcasts its slice of ``flat`` in place."""
+def _all_gather_by_broadcasts(flat: torch.Tensor, shard: torch.Tensor, group: ProcessGroup | None = None) -> _AllOf:
+    """gloo's all-gather path, asynchronous: each rank broadcasts its slice of ``flat`` in place."""
     size = shard.numel()
     own = flat.narrow(0, dist.get_rank(group) * size, size)
     if own.data_ptr() != shard.data_ptr():
         own.copy_(shard)
-    return _AllOf([_broadcast(flat.narrow(0, source * size, size), group=group, async_op=async_op, group_src=source)
+    return _AllOf([_broadcast(flat.narrow(0, source * size, size), group=group, async_op=True, group_src=source)
                    for source in range(dist.get_world_size(group))])
 
 
@@ -148,7 +147,7 @@ def all_gather_flat(flat: torch.Tensor, shard: torch.Tensor, group: ProcessGroup
     """
     _count("all_gather", flat)
     if 1 < dist.get_world_size(group) <= BROADCAST_GATHER_MAX_WORLD and dist.get_backend(group) == "gloo":
-        return _all_gather_by_broadcasts(flat, shard, group=group, async_op=True)  # type: ignore[return-value]
+        return _all_gather_by_broadcasts(flat, shard, group=group)  # type: ignore[return-value]
     return _all_gather(flat, shard, group=group, async_op=True)
 
 

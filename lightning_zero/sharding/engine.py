@@ -441,12 +441,18 @@ class ZeroEngine:
                 if self._has_own_master(bucket):
                     lo, hi = bucket.shard_range(self.rank)
                     before[index] = self.flat_params[index].narrow(0, lo, hi - lo).clone()
+        # Stage 3's persistent buckets are their own slices: without a modifier, restore what the block changes.
+        kept = {} if modifier_rank is not None or self.sharder is None else {
+            index: self.param_shards[index].clone() for index in buckets if index in self.sharder.persistent}
         try:
             yield chosen
             if modifier_rank is not None:
                 self._write_back(buckets, modifier_rank, before)
         finally:
             if self.sharder is not None:
+                for index, value in kept.items():
+                    self.param_shards[index].copy_(value)
+                self.sharder.refresh_persistent(sorted(kept))
                 self.sharder.release(buckets)
 
     def _write_back(self, buckets: list[int], modifier_rank: int, before: dict[int, torch.Tensor]) -> None:

@@ -83,8 +83,10 @@ class GradientReducer:
         self._handles: list[RemovableHandle] = []
         self._on_launch = on_launch
         # Launch order must be the same on every rank: stage 3's buckets follow forward order, so
-        # backward fills them last to first.
-        order = list(layout.buckets) if stage < 3 else list(reversed(layout.buckets))
+        # backward fills them last to first. Its persistent buckets (unit "") go last: they are small, and
+        # holding one whose gradients come late (an embedding) would hold back every launch after it.
+        order = list(layout.buckets) if stage < 3 else sorted(
+            reversed(layout.buckets), key=lambda bucket: bucket.unit == "")
         for bucket in order:
             if not bucket.trainable:
                 continue

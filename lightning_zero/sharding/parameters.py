@@ -45,8 +45,9 @@ def module_units(module: torch.nn.Module, unit_numel: int = 0, persist_numel: in
     A module with weights of its own is a unit with its whole subtree, which covers modules that use a
     child's weights without calling it (``MultiheadAttention`` reads ``out_proj.weight`` directly). Modules
     without weights of their own are opened up (a LightningModule's ``self.model``, ``ModuleList``), except
-    that one holding at most ``unit_numel`` elements and no ``ModuleList`` or ``ModuleDict`` (a transformer
-    block, not the stack of them) is kept whole: fewer, larger all-gathers.
+    that one holding at most ``unit_numel`` elements and no stack of blocks (a ``ModuleList``, ``ModuleDict``
+    or ``Sequential`` of two or more modules with weights but none of their own) is kept whole: a
+    transformer block, not the stack of them. Fewer, larger all-gathers.
 
     Then the smallest units, up to ``persist_numel`` elements in all (``None``: the smaller of 2**17 and
     1/64 of the module's elements), are left out: their parameters join the ones the root owns, which stay
@@ -84,14 +85,28 @@ def _numel(params: Iterable[torch.nn.Parameter]) -> int:
     return sum(pending_chunks[p].numel if p in pending_chunks else p.numel() for p in set(params))
 
 
+def _owns(module: torch.nn.Module) -> bool:
+    return any(p is not None for p in module._parameters.values())
+
+
+def _is_stack(module: torch.nn.Module) -> bool:
+    """A ``ModuleList``, ``ModuleDict`` or ``Sequential`` of two or more blocks: children with weights, none
+    of them their own (a ``Sequential`` of ``Linear`` layers, an MLP, is not a stack)."""
+    containers = (torch.nn.ModuleList, torch.nn.ModuleDict, torch.nn.Sequential)
+    blocks = [c for c in module.children() if not _owns(c) and any(True for _ in c.parameters())]
+    return isinstance(module, containers) and len(blocks) >= 2
+
+
 def _units(module: torch.nn.Module, unit_numel: int, prefix: str) -> list[str]:
     units: list[str] = []
     for name, child in module.named_children():
         fqn = f"{prefix}{name}"
         params = list(child.parameters())
-        owns = any(p is not None for p in child._parameters.values())
-        stack = any(isinstance(m, (torch.nn.ModuleList, torch.nn.ModuleDict)) for m in child.modules())
-        if not owns and any(True for _ in child.children()) and (stack or _numel(params) > unit_numel):
+        container = isinstance(child, (torch.nn.ModuleList, torch.nn.ModuleDict))
+        stack = any(_is_stack(m) for m in child.modules())
+        if not _owns(child) and any(True for _ in child.children()) and (
+            container or stack or _numel(params) > unit_numel
+        ):
             units.extend(_units(child, unit_numel, prefix=f"{fqn}."))
         elif params:
             units.append(fqn)
@@ -195,7 +210,7 @@ class ParameterSharder:
     def after_step(self) -> None:
         """The slices changed: full copies still held (a forward whose backward never ran, a no-grad loop's)
         are stale. Drop them, or gather them again inside a no-grad loop, and refresh the persistent ones."""
-        stale = [index for index in [*self.gathered, *self._inflight] if index not in self.persistent]
+        stale = sorted(index for index in {*self.gathered, *self._inflight} if index not in self.persistent)
         held, self.hold_all = self.hold_all, False
         self.release(stale)
         self.hold_all = held
@@ -203,10 +218,11 @@ class ParameterSharder:
         if held:
             self.gather(stale)
 
-    def refresh_persistent(self) -> None:
-        """Re-gather the always-gathered buckets after their slices changed (a step, a load)."""
-        works = [all_gather_flat(self.flat_params[i], self.shards[i], self.group) for i in sorted(self.persistent)]
-        settle(works)
+    def refresh_persistent(self, buckets: Iterable[int] | None = None) -> None:
+        """Re-gather the always-gathered ``buckets`` (default: all) after their slices changed (a step, a
+        load)."""
+        chosen = sorted(self.persistent if buckets is None else buckets)
+        settle([all_gather_flat(self.flat_params[i], self.shards[i], self.group) for i in chosen])
 
     def release_one(self, bucket: int) -> None:
         """Release one bucket (its gradients have just been handed to the reduce-scatter)."""
