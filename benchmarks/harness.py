@@ -7,6 +7,7 @@ import argparse
 import os
 import queue
 import socket
+import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -25,6 +26,46 @@ def common_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--width", type=int, default=256)
     parser.add_argument("--depth", type=int, default=4)
+
+
+def time_gpt_steps(system: str, rank: int, model_args: tuple[int, ...], batch_size: int, warmup: int, steps: int,
+                   on_warm: Callable[[], None] = lambda: None) -> list[float]:
+    """Step times of the example GPT (fp32 AdamW, accumulate 1) under ``system`` ("ddp" for torch DDP, or
+    "zero1"/"zero2"/"zero3"), after ``warmup`` steps; ``on_warm`` runs once the warm-up is over. Every rank
+    draws its own batches; a barrier starts each step."""
+    from gpt import GPT, corpus, sample_batch
+    from torch.nn.parallel import DistributedDataParallel
+
+    from lightning_zero import ZeroConfig, ZeroEngine
+
+    data = corpus()
+    torch.manual_seed(0)
+    model = GPT(*model_args)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    if system == "ddp":
+        net, engine = DistributedDataParallel(model), None
+    else:
+        net, engine = model, ZeroEngine(model, optimizer, ZeroConfig(stage=int(system[-1])))
+    generator = torch.Generator().manual_seed(rank)
+    times = []
+    for step in range(warmup + steps):
+        x, y = sample_batch(data, batch_size, model.block, generator)
+        dist.barrier()
+        if step == warmup:
+            on_warm()
+        start = time.perf_counter()
+        logits = net(x)
+        torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1)).backward()
+        if engine is None:
+            optimizer.step()
+            optimizer.zero_grad()
+        else:
+            engine.step()
+        if step >= warmup:
+            times.append(time.perf_counter() - start)
+    if engine is not None:
+        engine.close()
+    return times
 
 
 def _entry(rank: int, world: int, port: int, worker: Callable[[int, Any], Any], args: Any, out: Any) -> None:

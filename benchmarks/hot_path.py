@@ -23,12 +23,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.distributed as dist
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent / "examples"))
 sys.path.insert(0, str(HERE))
-from harness import run_pinned  # noqa: E402
+from harness import run_pinned, time_gpt_steps  # noqa: E402
 
 SYSTEMS = ("ddp", "zero1", "zero2", "zero3")
 SIZE = (384, 3, 6)  # peers.py's 5M
@@ -86,45 +85,20 @@ def _install() -> None:
 
 
 def _worker(rank: int, args: argparse.Namespace) -> dict[str, Any]:
-    from gpt import GPT, corpus, sample_batch
-    from torch.nn.parallel import DistributedDataParallel
-
-    from lightning_zero import ZeroConfig, ZeroEngine
+    from gpt import GPT
 
     _install()
-    data = corpus()
     steps: dict[str, list[float]] = {name: [] for name in SYSTEMS}
     parts: dict[str, list[dict[str, float]]] = {name: [] for name in SYSTEMS}
     counts: dict[str, dict[str, float]] = {}
+
+    def restart() -> None:
+        spent.clear()
+        calls.clear()
+
     for _ in range(args.repeats):
         for name in SYSTEMS:
-            torch.manual_seed(0)
-            model = GPT(*SIZE)
-            optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
-            if name == "ddp":
-                net, zero = DistributedDataParallel(model), None
-            else:
-                net, zero = model, ZeroEngine(model, optimizer, ZeroConfig(stage=int(name[-1])))
-            generator = torch.Generator().manual_seed(rank)
-            times = []
-            for step in range(args.warmup + args.steps):
-                x, y = sample_batch(data, 8, model.block, generator)
-                dist.barrier()
-                if step == args.warmup:
-                    spent.clear()
-                    calls.clear()
-                start = time.perf_counter()
-                logits = net(x)
-                torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1)).backward()
-                if zero is None:
-                    optimizer.step()
-                    optimizer.zero_grad()
-                else:
-                    zero.step()
-                if step >= args.warmup:
-                    times.append(time.perf_counter() - start)
-            if zero is not None:
-                zero.close()
+            times = time_gpt_steps(name, rank, SIZE, 8, args.warmup, args.steps, on_warm=restart)
             steps[name].append(statistics.median(times))
             parts[name].append({label: seconds / args.steps for label, seconds in spent.items()})
             counts[name] = {label: n / args.steps for label, n in calls.items()}

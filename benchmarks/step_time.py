@@ -13,54 +13,25 @@ import argparse
 import json
 import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent / "examples"))
 sys.path.insert(0, str(HERE))
-from harness import common_arguments, run_pinned  # noqa: E402
+from harness import common_arguments, run_pinned, time_gpt_steps  # noqa: E402
 
 SYSTEMS = ("ddp", "zero1", "zero2", "zero3")
 
 
 def _worker(rank: int, args: argparse.Namespace) -> tuple[int, dict]:
-    from gpt import GPT, corpus, sample_batch
-    from torch.nn.parallel import DistributedDataParallel
+    from gpt import GPT
 
-    from lightning_zero import ZeroConfig, ZeroEngine
-
-    data = corpus()
     medians: dict[str, list[float]] = {name: [] for name in SYSTEMS}
     for _ in range(args.repeats):
         for name in SYSTEMS:
-            torch.manual_seed(0)
-            model = GPT(width=args.width, depth=args.depth)
-            optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
-            if name == "ddp":
-                net, engine = DistributedDataParallel(model), None
-            else:
-                net, engine = model, ZeroEngine(model, optimizer, ZeroConfig(stage=int(name[-1])))
-            generator = torch.Generator().manual_seed(rank)
-            times = []
-            for step in range(args.warmup + args.steps):
-                x, y = sample_batch(data, args.batch_size, model.block, generator)
-                dist.barrier()
-                start = time.perf_counter()
-                logits = net(x)
-                torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1)).backward()
-                if engine is None:
-                    optimizer.step()
-                    optimizer.zero_grad()
-                else:
-                    engine.step()
-                if step >= args.warmup:
-                    times.append(time.perf_counter() - start)
-            if engine is not None:
-                engine.close()
+            times = time_gpt_steps(name, rank, (args.width, args.depth), args.batch_size, args.warmup, args.steps)
             medians[name].append(statistics.median(times))
     return sum(p.numel() for p in GPT(width=args.width, depth=args.depth).parameters()), medians
 
