@@ -29,7 +29,7 @@ class ZeroConfig:
     ``reduce_policy``: when gradients are reduced under accumulation; see ``resolve_reduce_policy``.
     ``allow_unknown_optimizer``: step an optimizer class not known to be element-wise (you vouch for it).
     ``unit_numel``: stage 3 gathers a module without weights of its own (a transformer block) as one unit
-    when it holds at most this many elements (default 2**24) and no ``ModuleList``; others are opened up.
+    when it holds at most this many elements (default 2**24) and no stack of blocks; others are opened up.
     ``persist_numel``: stage 3 keeps the smallest units, up to this many elements in all, gathered on every
     rank instead of gathering them at each use (embeddings, final norms); ``None`` (default): the smaller of
     2**17 and 1/64 of the model; 0: every unit is gathered at use.

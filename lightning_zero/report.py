@@ -17,6 +17,7 @@ from torch import optim
 from lightning_zero.config import OffloadName, PrecisionPolicy, ReducePolicyName, ZeroConfig, resolve_reduce_policy
 from lightning_zero.memory import HostBytes, ModelStateBytes, model_state_bytes
 from lightning_zero.sharding.engine import ZeroEngine
+from lightning_zero.sharding.layout import ByModule
 from lightning_zero.sharding.parameters import module_units
 
 __all__ = ["MemoryEstimate", "OPTIMIZER_STATES", "ZeroMeasurement", "ZeroReport", "estimate_memory"]
@@ -260,9 +261,8 @@ def _counts_of_module(module: torch.nn.Module, policy: PrecisionPolicy, unit_num
     # without gradients keep their own dtype, and trainable ones take the policy's storage dtype.
     casts_module = policy.master == policy.storage and policy.storage != torch.float32
     # Stage 3 keeps whole what no gather unit holds (the root's own parameters, the persistent units').
-    units = module_units(module, unit_numel, persist_numel)
-    whole = {id(p) for fqn, p in module.named_parameters()
-             if not any(fqn == unit or fqn.startswith(unit + ".") for unit in units)}
+    grouping = ByModule(module_units(module, unit_numel, persist_numel))
+    whole = {id(p) for fqn, p in module.named_parameters() if not grouping.unit_of(fqn)}
     trainable = root_trainable = root_frozen_bytes = 0
     frozen: Counter[int] = Counter()
     for param in module.parameters():

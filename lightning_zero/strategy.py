@@ -74,7 +74,7 @@ class ZeroStrategy(DDPStrategy):
         nonfinite: a NaN or inf loss or gradient outside fp16 loss scaling "raise"s, naming the step and
             the ranks, or "skip"s the step on every rank; either way no weight takes that step.
         unit_numel: stage 3 only: a module without weights of its own (a transformer block) is gathered as
-            one unit when it holds at most this many elements (default 2**24) and no ``ModuleList``.
+            one unit when it holds at most this many elements (default 2**24) and no stack of blocks.
         persist_numel: stage 3 only: the smallest units, up to this many elements in all, stay gathered
             instead of being gathered at each use (default ``None``: the smaller of 2**17 and 1/64 of the
             model; 0: none).

@@ -188,18 +188,14 @@ class ByModule:
 
     units: tuple[str, ...]
 
+    def unit_of(self, fqn: str) -> str:
+        """The unit whose bucket holds the parameter named ``fqn``: the longest owning prefix, else ``""``."""
+        return max((u for u in self.units if fqn == u or fqn.startswith(u + ".")), key=len, default="")
+
     def split(self, candidates: Sequence[_Candidate]) -> list[tuple[str, list[_Candidate]]]:
-        ordered = sorted(self.units, key=len, reverse=True)
-
-        def unit_of(fqn: str) -> str:
-            for unit in ordered:
-                if fqn.startswith(unit + ".") or fqn == unit:
-                    return unit
-            return ""
-
         grouped: dict[tuple[str, BucketKey], list[_Candidate]] = {}
         for cand in candidates:
-            grouped.setdefault((unit_of(cand.fqn), cand.key), []).append(cand)
+            grouped.setdefault((self.unit_of(cand.fqn), cand.key), []).append(cand)
         return [(unit, members) for (unit, _), members in grouped.items()]
 
 

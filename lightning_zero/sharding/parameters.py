@@ -34,7 +34,7 @@ from torch.utils.hooks import RemovableHandle
 
 from lightning_zero.sharding.collectives import all_gather_flat, settle
 from lightning_zero.sharding.init import pending_chunks
-from lightning_zero.sharding.layout import Layout
+from lightning_zero.sharding.layout import ByModule, Layout
 
 __all__ = ["ParameterSharder", "module_units"]
 
@@ -57,10 +57,8 @@ def module_units(module: torch.nn.Module, unit_numel: int = 0, persist_numel: in
     units = _units(module, unit_numel, "")
     if persist_numel is None:
         persist_numel = min(2**17, _numel(module.parameters()) // 64)
-    by_length = sorted(units, key=len, reverse=True)
-    owner = {}  # parameter -> the unit whose bucket holds it (the one of its first name), as ByModule does
-    for fqn, param in module.named_parameters():
-        owner[param] = next((unit for unit in by_length if fqn == unit or fqn.startswith(unit + ".")), "")
+    grouping = ByModule(tuple(units))
+    owner = {param: grouping.unit_of(fqn) for fqn, param in module.named_parameters()}  # by its first name
     own = {unit: _numel(p for p, u in owner.items() if u == unit) for unit in units}
     # A unit can stay gathered only with every unit whose weights it uses (a tied output layer with its
     # embedding), else nothing would gather those weights for its forward.
