@@ -32,19 +32,19 @@ from harness import run_pinned, time_gpt_steps  # noqa: E402
 SYSTEMS = ("ddp", "zero1", "zero2", "zero3")
 SIZE = (384, 3, 6)  # peers.py's 5M
 
-#: (module, owner, attribute) -> label. ``settle`` is every wait for a collective.
+#: (module, owner, attribute) -> label. ``wait_all`` is every wait for a collective on the CPU.
 PARTS = {
-    ("lightning_zero.sharding.gradients", "GradientReducer", "_launch"): "gradient bucket: copy in, launch",
-    ("lightning_zero.sharding.gradients", "GradientReducer", "_complete"): "gradient bucket: add to shard",
+    ("lightning_zero.sharding.bucket", "FlatBucket", "reduce"): "gradient bucket: copy in, launch",
+    ("lightning_zero.sharding.bucket", "FlatBucket", "wait_reduce"): "gradient bucket: add to shard",
     ("lightning_zero.sharding.gradients", "GradientReducer", "_end_of_backward"): "end of backward",
-    ("lightning_zero.sharding.parameters", "ParameterSharder", "_start"): "stage 3: allocate, launch gather",
-    ("lightning_zero.sharding.parameters", "ParameterSharder", "_finish"): "stage 3: point parameters at buffer",
-    ("lightning_zero.sharding.parameters", "ParameterSharder", "release"): "stage 3: release",
+    ("lightning_zero.sharding.bucket", "FlatBucket", "unshard"): "stage 3: allocate, launch gather",
+    ("lightning_zero.sharding.bucket", "FlatBucket", "wait_unshard"): "stage 3: point parameters at buffer",
+    ("lightning_zero.sharding.bucket", "FlatBucket", "reshard"): "stage 3: release",
     ("lightning_zero.sharding.optimizer", "ShardedOptimizer", "step"): "optimizer step (user's AdamW on slices)",
-    ("lightning_zero.sharding.engine", "ZeroEngine", "reduce_gradients"): "divide gradients",
+    ("lightning_zero.sharding.engine", "ZeroEngine", "reduce_gradients"): "flag exchange, divide gradients",
     ("lightning_zero.sharding.engine", "ZeroEngine", "_gather_params"): "copy back, launch all-gather",
     ("lightning_zero.sharding.engine", "ZeroEngine", "zero_grad"): "zero gradients",
-    ("lightning_zero.sharding.collectives", None, "settle"): "waiting for collectives",
+    ("lightning_zero.sharding.collectives", None, "wait_all"): "waiting for collectives",
 }
 
 spent: Counter[str] = Counter()
@@ -77,11 +77,10 @@ def _install() -> None:
         module = importlib.import_module(module_name)
         target = getattr(module, owner) if owner else module
         setattr(target, attribute, _timed(label, getattr(target, attribute)))
-    # the modules that imported ``settle`` by name
-    from lightning_zero.sharding import collectives, engine, gradients, parameters
+    # the modules that imported ``wait_all`` by name (``Handle.wait`` looks it up in ``collectives``)
+    from lightning_zero.sharding import collectives, engine
 
-    for module in (engine, gradients, parameters):
-        module.settle = collectives.settle  # type: ignore[attr-defined]
+    engine.wait_all = collectives.wait_all  # type: ignore[attr-defined]
 
 
 def _worker(rank: int, args: argparse.Namespace) -> dict[str, Any]:

@@ -9,12 +9,15 @@ from typing import Literal
 import torch
 
 __all__ = [
+    "CommPath", "DtypeSlots",
     "OffloadName", "PrecisionName", "PrecisionPolicy", "ReducePolicyName", "ZeroConfig", "resolve_reduce_policy",
 ]
 
 ReducePolicyName = Literal["auto", "boundary", "every_micro_batch"]
 _POLICIES = ("auto", "boundary", "every_micro_batch")
 OffloadName = Literal["none", "optimizer"]
+CommPath = Literal["auto", "native"]
+_COMM_PATHS = ("auto", "native")
 _OFFLOADS = ("none", "optimizer")
 _STAGES = (1, 2, 3)
 
@@ -33,6 +36,9 @@ class ZeroConfig:
     ``persist_numel``: stage 3 keeps the smallest units, up to this many elements in all, gathered on every
     rank instead of gathering them at each use (embeddings, final norms); ``None`` (default): the smaller of
     2**17 and 1/64 of the model; 0: every unit is gathered at use.
+    ``comm``: ``"auto"`` runs each backend's fastest collectives (gloo: substitutes with the same results);
+    ``"native"`` always calls ``reduce_scatter_tensor``/``all_gather_into_tensor``, what NCCL runs (tests use
+    it to run the NCCL call sequence on gloo).
     ``offload``: ``"optimizer"`` keeps this rank's master slices and optimizer state in host (CPU) memory
     and steps the optimizer there (ZeRO-Offload): the device keeps parameters and gradients only, and each
     step copies the gradient slice to the host and the updated slice back. ``"none"`` keeps all on the device.
@@ -45,6 +51,7 @@ class ZeroConfig:
     unit_numel: int = 2**24
     persist_numel: int | None = None
     offload: OffloadName = "none"
+    comm: CommPath = "auto"
 
     def __post_init__(self) -> None:
         if self.stage not in _STAGES:
@@ -61,6 +68,8 @@ class ZeroConfig:
                              f"{self.persist_numel!r}")
         if self.reduce_policy not in _POLICIES:
             raise ValueError(f"reduce_policy must be one of {_POLICIES}, got {self.reduce_policy!r}")
+        if self.comm not in _COMM_PATHS:
+            raise ValueError(f"comm must be one of {_COMM_PATHS}, got {self.comm!r}")
         if self.offload not in _OFFLOADS:
             raise ValueError(
                 f"offload must be 'none' (everything on the device) or 'optimizer' (master slices and optimizer "
@@ -81,6 +90,33 @@ def resolve_reduce_policy(stage: int, policy: ReducePolicyName) -> Literal["boun
     if policy not in _POLICIES:
         raise ValueError(f"reduce_policy must be one of {_POLICIES}, got {policy!r}")
     return policy
+
+
+@dataclass(frozen=True)
+class DtypeSlots:
+    """The dtypes one bucket uses at each point of its life.
+
+    ``storage``: the parameters the module computes with and their full gradients.
+    ``reduce``: the buffer gradients are reduce-scattered in.
+    ``accumulate``: the sharded gradient summed across micro-batches.
+    ``master``: the slice the optimizer steps; when equal to ``storage`` the owned slice of the flat
+    parameter buffer is the master itself (no copy).
+    """
+
+    storage: torch.dtype
+    reduce: torch.dtype
+    accumulate: torch.dtype
+    master: torch.dtype
+
+    @classmethod
+    def uniform(cls, dtype: torch.dtype) -> DtypeSlots:
+        """Every slot in ``dtype``: the ``32-true`` case."""
+        return cls(dtype, dtype, dtype, dtype)
+
+    @property
+    def separate_master(self) -> bool:
+        """Whether the master slice needs its own buffer."""
+        return self.master != self.storage
 
 
 PrecisionName = Literal["32-true", "bf16-mixed", "16-mixed", "bf16-true", "16-true"]
@@ -141,8 +177,6 @@ class PrecisionPolicy:
         """fp16 gradients overflow without a dynamic loss scale."""
         return self.storage == torch.float16
 
-    def slots(self):  # noqa: ANN201 - DtypeSlots; imported here as the sharding package imports this module
-        """The engine's per-bucket dtype slots (``DtypeSlots``) for trainable floating-point parameters."""
-        from lightning_zero.sharding.layout import DtypeSlots
-
+    def slots(self) -> DtypeSlots:
+        """The engine's per-bucket dtype slots for trainable floating-point parameters."""
         return DtypeSlots(self.storage, self.reduce, self.accumulate, self.master)

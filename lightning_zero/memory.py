@@ -69,18 +69,18 @@ def model_state_bytes(engine: ZeroEngine) -> ModelStateBytes:
     """What this rank holds right now for ``engine``'s model (no collective). Offloaded tensors count as host
     bytes by their role, not their device, so a CPU-only run reports the same split as a GPU run."""
     seen: set[int] = set()
-    parameters = _storage_bytes([*engine.module.parameters(), *engine.param_shards.values()], seen)
-    master = _storage_bytes(engine.masters.values(), seen)
-    grads = [state.shard for state in engine.reducer.buckets]
-    grads += [state.full for state in engine.reducer.buckets if state.full is not None]
+    buckets = engine.buckets
+    parameters = _storage_bytes([*engine.module.parameters(), *(b.shard for b in buckets if b.is_flat)], seen)
+    master = _storage_bytes((b.master for b in buckets if b.master is not None), seen)
+    grads = [t for b in buckets for t in (b.grad_shard, b.grad_full, b.late) if t is not None]
     grads += [p.grad for p in engine.module.parameters() if p.grad is not None]
     gradients = _storage_bytes(grads, seen)
-    host_gradients = _storage_bytes(engine.host_grads.values(), seen)
+    host_gradients = _storage_bytes((b.host_grad for b in buckets if b.host_grad is not None), seen)
     state = engine.optimizer.optimizer.state
     optimizer_state = _storage_bytes(
         (value for values in state.values() for value in values.values() if torch.is_tensor(value)), seen
     )
     if engine.offload:
-        return ModelStateBytes(parameters, gradients, 0, 0, engine.reducer.in_flight_bytes,
+        return ModelStateBytes(parameters, gradients, 0, 0, engine.in_flight_bytes,
                                HostBytes(master, host_gradients, optimizer_state))
-    return ModelStateBytes(parameters, gradients, master, optimizer_state, engine.reducer.in_flight_bytes)
+    return ModelStateBytes(parameters, gradients, master, optimizer_state, engine.in_flight_bytes)

@@ -80,7 +80,6 @@ class ZeroPrecision(Precision):
         #: What a non-finite loss or gradient does outside fp16 loss scaling: "raise" (naming the step and
         #: ranks) or "skip" the step on every rank. ``ZeroStrategy(nonfinite=...)`` sets it.
         self.nonfinite: Literal["raise", "skip"] = "raise"
-        self._loss_nonfinite: Tensor | bool = False
         self._engines: dict[int, ZeroEngine] = {}
 
     # ------------------------------------------------------------------ binding
@@ -107,10 +106,9 @@ class ZeroPrecision(Precision):
     @override
     def convert_module(self, module: torch.nn.Module) -> torch.nn.Module:
         """Check the pairing; ``*-true`` casts the whole module (mixed: the engine casts parameters)."""
-        from lightning_zero.strategy import ZeroStrategy
-
         trainer = getattr(module, "_trainer", None)
-        if trainer is not None and not isinstance(trainer.strategy, ZeroStrategy):
+        # ZeroStrategy marks itself, so this module needs no import of the strategy (which imports this one).
+        if trainer is not None and not getattr(trainer.strategy, "pairs_with_zero_precision", False):
             raise ValueError(
                 f"ZeroPrecision works only with ZeroStrategy, not {type(trainer.strategy).__name__}: use "
                 "strategy='zero1', 'zero2' or 'zero3', or drop ZeroPrecision and pass precision=... to the Trainer"
@@ -139,7 +137,8 @@ class ZeroPrecision(Precision):
     @override
     def pre_backward(self, tensor: Tensor, module: pl.LightningModule) -> Tensor:  # type: ignore[override]
         super().pre_backward(tensor, module)
-        self._loss_nonfinite = ~torch.isfinite(tensor.detach()).all() | self._loss_nonfinite  # no sync here
+        for engine in self._engines.values():  # read in the step's one flag exchange: no sync here
+            engine.loss_nonfinite = ~torch.isfinite(tensor.detach()).all() | engine.loss_nonfinite
         if self.scaler is None:
             return tensor
         for engine in self._engines.values():
@@ -161,9 +160,7 @@ class ZeroPrecision(Precision):
     ) -> Any:
         engine = self.engine_for(optimizer)
         closure_result = closure()
-        engine.reduce_gradients()
-        loss_nonfinite, self._loss_nonfinite = self._loss_nonfinite, False
-        bad_loss, bad_grad = engine.nonfinite_ranks(loss_nonfinite)
+        bad_loss, bad_grad = engine.nonfinite_ranks()
         if self.scaler is not None:
             self.scaler.update(bool(bad_loss or bad_grad))  # an overflow: skip, shrink the scale
         if bad_loss or bad_grad:

@@ -8,6 +8,7 @@ import os
 import shutil
 import signal
 import subprocess
+import sys
 import time
 from collections.abc import Generator, Mapping
 from datetime import timedelta
@@ -37,10 +38,10 @@ from lightning_zero.checkpoint import (
 )
 from lightning_zero.config import ReducePolicyName, ZeroConfig
 from lightning_zero.precision import ZeroPrecision
-from lightning_zero.sharding.collectives import settle
+from lightning_zero.sharding.collectives import wait_all
 from lightning_zero.sharding.engine import ZeroEngine
 from lightning_zero.sharding.init import sharded_init
-from lightning_zero.sharding.state import FullSource, StateSource, local_state_dict, to_full_state_dict
+from lightning_zero.sharding.state import FullSource, StateSource, to_full_state_dict
 
 __all__ = ["ZeroStrategy"]
 
@@ -93,6 +94,7 @@ class ZeroStrategy(DDPStrategy):
     """
 
     strategy_name = "zero"
+    pairs_with_zero_precision = True  # what ZeroPrecision checks, without importing this module
 
     def __init__(
         self,
@@ -335,7 +337,7 @@ class ZeroStrategy(DDPStrategy):
         manifest: dict[str, Any] = {"stage": self.config.stage, "optimizer_state": with_optimizer,
                                     "optimizer": None, "shapes": {}, "aliases": {}}
         if engine is not None:
-            local = local_state_dict(engine, optimizer=with_optimizer)
+            local = engine.local_state_dict(optimizer=with_optimizer)
             manifest.update(
                 optimizer=type(engine.optimizer.optimizer).__qualname__,
                 shapes={r.fqn: list(r.shape) for r in engine.layout.params},
@@ -461,6 +463,9 @@ class ZeroStrategy(DDPStrategy):
         procs = getattr(launcher, "procs", None) if isinstance(launcher, _SubprocessScriptLauncher) else None
         if not procs:
             return
+        # Lightning's child-process observer may SIGKILL this process while it waits below, before the
+        # traceback is printed: say what failed first.
+        print(f"[rank {self.global_rank}] {type(exception).__name__}: {exception}", file=sys.stderr, flush=True)
         deadline = time.monotonic() + _CHILD_GRACE_S
         for proc in procs:
             with contextlib.suppress(subprocess.TimeoutExpired):
@@ -472,7 +477,7 @@ class ZeroStrategy(DDPStrategy):
         """As ``ddp``'s, but on gloo the barrier's handle stays with Python: Lightning's barriers are often a
         process's last collective (see [Note: keep finished work handles])."""
         if dist.is_available() and dist.is_initialized() and dist.get_backend() == "gloo":
-            settle([dist.barrier(async_op=True)])
+            wait_all([dist.barrier(async_op=True)])
         else:
             super().barrier(*args, **kwargs)
 
@@ -490,7 +495,7 @@ class ZeroStrategy(DDPStrategy):
             engine.close()
         if finished and torch.distributed.is_available() and torch.distributed.is_initialized():
             # The last collective's handle stays with Python (see [Note: keep finished work handles]).
-            settle([torch.distributed.barrier(async_op=True)])
+            wait_all([torch.distributed.barrier(async_op=True)])
         super().teardown()
 
     @classmethod

@@ -11,7 +11,7 @@ import torch.distributed as dist
 from lightning.pytorch.strategies import DDPStrategy
 from torch.utils.data import DataLoader, Dataset
 
-from lightning_zero.sharding.collectives import settle
+from lightning_zero.sharding.collectives import wait_all
 from tests.helpers import OPTIMIZERS, _lr, batch, build_model, param_groups
 
 
@@ -113,5 +113,5 @@ class SettledDDPStrategy(DDPStrategy):
 
     def teardown(self) -> None:
         if dist.is_available() and dist.is_initialized():
-            settle([dist.barrier(async_op=True)])
+            wait_all([dist.barrier(async_op=True)])
         super().teardown()

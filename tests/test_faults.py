@@ -226,7 +226,7 @@ class NonFinite(LitTiny):
 def _masters(module: pl.LightningModule) -> torch.Tensor:
     """This rank's fp32 master slices (every stage and precision keeps the true weights there)."""
     engine = module.trainer.strategy.engines[0]
-    return torch.cat([master.detach().float().clone() for master in engine.masters.values()])
+    return torch.cat([master.detach().float().clone() for master in (b.master for b in engine.trainable_buckets)])
 
 
 def nonfinite_run(stage: int, policy: str, precision: str) -> dict[str, Any]:
@@ -365,19 +365,25 @@ def test_timeout_reaches_the_process_group() -> None:
 
 
 def nonfinite_detection() -> dict[str, Any]:
-    """The engine's check: large finite gradients whose sum overflows are finite; one NaN on rank 1 is not."""
-    from tests.helpers import build_model, train_zero
+    """The step's flag exchange: large finite gradients whose sum overflows are finite; one NaN in rank 1's
+    shard and a non-finite loss on rank 0 are named by rank."""
+    from tests.helpers import build_model, loss_of, train_zero
 
-    engine, _ = train_zero(build_model(), "sgd", 1, ZeroConfig(stage=2, bucket_numel=150))
-    engine.reduce_gradients()
-    shard = engine.grad_shards()[0]
-    shard.fill_(3e38)  # finite, but two of them sum to inf
-    large = engine.nonfinite_ranks()
-    if dist.get_rank() == 1:
-        shard[-1] = float("nan")
-    nan = engine.nonfinite_ranks(loss_nonfinite=dist.get_rank() == 0)
+    model = build_model()
+    engine, _ = train_zero(model, "sgd", 1, ZeroConfig(stage=2, bucket_numel=150))
+    found = []
+    for step, (nan_on_rank, loss_on_rank) in enumerate([(None, None), (1, 0)], start=1):
+        loss_of(model, step, 0, 1).backward()  # shards are reduced; the flags are not exchanged yet
+        shard = engine.trainable_buckets[0].grad_shard
+        shard.fill_(3e38)  # finite, but two of them sum to inf
+        if dist.get_rank() == nan_on_rank:
+            shard[-1] = float("nan")
+        if dist.get_rank() == loss_on_rank:
+            engine.loss_nonfinite = torch.tensor(True)
+        found.append(engine.nonfinite_ranks())
+        engine.skip_step()
     engine.close()
-    return {"large": large, "nan": nan}
+    return {"large": found[0], "nan": found[1]}
 
 
 def test_nonfinite_check_is_exact(pools) -> None:

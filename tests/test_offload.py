@@ -18,7 +18,7 @@ from lightning_zero.memory import ModelStateBytes
 from lightning_zero.report import ZeroMeasurement, estimate_memory
 from lightning_zero.sharding import optimizer as sharded_optimizer
 from lightning_zero.sharding.optimizer import check_host_steppable
-from lightning_zero.sharding.state import consolidate, local_state_dict
+from lightning_zero.sharding.state import consolidate
 from tests.helpers import (
     OPTIMIZERS,
     _lr,
@@ -40,10 +40,13 @@ FACTORIES = {**OPTIMIZERS, "adamw-fused": lambda groups: torch.optim.AdamW(group
 def _offloaded(engine: ZeroEngine) -> bool:
     """Every master slice, gradient copy and optimizer state tensor is a host tensor of its own (sharing no
     storage with the device's parameter buffers), and nothing is page-locked on this CPU-only machine."""
-    device = {t.untyped_storage().data_ptr() for t in [*engine.flat_params.values(), *engine.param_shards.values()]}
-    host = [*engine.masters.values(), *engine.host_grads.values()]
+    flat = [b for b in engine.buckets if b.is_flat]
+    device = {t.untyped_storage().data_ptr() for b in flat for t in (b.flat, b.shard)}
+    trainable = engine.trainable_buckets
+    host = [t for b in trainable for t in (b.master, b.host_grad)]
     host += [v for state in engine.optimizer.optimizer.state.values() for v in state.values() if torch.is_tensor(v)]
-    return (engine.offload and bool(engine.masters) and engine.host_grads.keys() == engine.masters.keys()
+    return (engine.offload and bool(trainable) and all(b.master is not None and b.host_grad is not None
+                                                        for b in trainable)
             and all(t.device.type == "cpu" and not t.is_pinned() and t.untyped_storage().data_ptr() not in device
                     for t in host))
 
@@ -193,7 +196,7 @@ def cross_round_trip(precision: str, stage: int) -> dict[str, Any]:
     out["consolidated"] = []
     for name in ("optimizer", "optimizer <- none"):
         ranks: list[Any] = [None] * dist.get_world_size()
-        dist.all_gather_object(ranks, local_state_dict(runs[name].engine))
+        dist.all_gather_object(ranks, runs[name].engine.local_state_dict())
         out["consolidated"].append(_difference(saved["none"], consolidate(ranks)))
 
     for run in runs.values():

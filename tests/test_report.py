@@ -174,7 +174,7 @@ def test_zero_report_in_a_trainer(pools) -> None:
     # Default cadence: the first optimizer step and every log_every_n_steps-th one.
     assert [step for step, _ in first["logged"]] == [1, 2, 4] and first["last_step"] == 4
     # One optimizer step's window: both micro-batches reduce-scatter fp32 gradients (stage 2), the updated
-    # bf16 parameters are all-gathered once, plus a few bytes of control (had-gradient flags, finiteness).
+    # bf16 parameters are all-gathered once, plus a few bytes of control (one all-gather of flags).
     reduce_scatter = 2 * first["padded"] * 4
     all_gather = first["padded"] * 2
     for step, row in first["logged"]:
@@ -183,8 +183,9 @@ def test_zero_report_in_a_trainer(pools) -> None:
         assert _close(recorded["total"], estimate.total), (recorded, estimate)
         comm = {key.removeprefix("zero/comm_bytes/"): value for key, value in row.items() if "comm_bytes" in key}
         assert comm["reduce_scatter"] == reduce_scatter, (step, comm)
-        assert 0 <= comm["all_gather"] - all_gather <= 0.001 * all_gather, (step, comm)
-        assert 0 < comm["all_reduce"] <= 0.001 * all_gather, (step, comm)
+        # the step's one flag exchange rides on the all-gather: a few bytes per parameter, nothing else
+        assert 0 < comm["all_gather"] - all_gather <= 0.001 * all_gather, (step, comm)
+        assert "all_reduce" not in comm, (step, comm)
         assert comm.pop("total") == sum(comm.values()), (step, comm)
 
 

@@ -96,7 +96,6 @@ def test_full_state_dict_is_whole_and_keyed_by_name(pools) -> None:
 
 def local_states(stage: int, precision: str) -> dict[str, object]:
     from lightning_zero.config import PrecisionPolicy
-    from lightning_zero.sharding.state import local_state_dict
 
     model = build_model()
     opt = OPTIMIZERS["adamw"](param_groups(model, _lr("adamw")))
@@ -104,7 +103,7 @@ def local_states(stage: int, precision: str) -> dict[str, object]:
                         dtypes=PrecisionPolicy.from_precision(precision).slots())
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision != "32-true"):
         _continue(engine, model, "adamw")
-    local = local_state_dict(engine)
+    local = engine.local_state_dict()
     full = engine.full_state_dict()
     engine.close()
     return {"local": local, "full": full}

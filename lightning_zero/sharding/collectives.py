@@ -1,4 +1,5 @@
-"""The collectives ZeRO needs, as pure functions over flat 1-D buffers with the process group explicit.
+"""The collectives ZeRO needs: ``Comm``, the bucket collectives of one engine on the backend's best path,
+and small pure functions (flags, metadata, broadcasts) with the process group explicit.
 
 Every reduction is a SUM; callers divide once, explicitly. gloo ignores ``op`` in ``reduce_scatter_tensor``
 up to torch 2.8, fails on ``PREMUL_SUM`` in every version and is unreliable with ``AVG``.
@@ -8,13 +9,13 @@ In torch 2.13, gloo's worker thread drops its reference to a Work just after fin
 last reference, the thread frees the Work's tensors itself, which needs the GIL; shortly before the
 interpreter exits, Python ends such a thread inside a ``noexcept`` destructor and the process aborts
 ("terminate called without an active exception", seen under Lightning's ``ddp`` too). So every collective
-here is waited through ``settle``, which keeps the handles until the next ``settle``: the last reference is
+here is waited through ``wait_all``, which keeps the handles until the next ``wait_all``: the last reference is
 then always dropped by Python, on a thread holding the GIL.
 
 Worked example, two ranks, one bucket of four elements::
 
-    reduce_scatter_sum   rank 0 [1 2 3 4], rank 1 [5 6 7 8]  ->  rank 0 [6 8], rank 1 [10 12]
-    all_gather_flat      rank 0 [a b],     rank 1 [c d]      ->  both [a b c d]
+    Comm.reduce_scatter   rank 0 [1 2 3 4], rank 1 [5 6 7 8]  ->  rank 0 [6 8], rank 1 [10 12]
+    Comm.all_gather       rank 0 [a b],     rank 1 [c d]      ->  both [a b c d]
 """
 
 from __future__ import annotations
@@ -27,15 +28,19 @@ import torch
 import torch.distributed as dist
 from torch.distributed import ProcessGroup, Work
 
+from lightning_zero.config import CommPath
+
 __all__ = [
     "CollectiveError",
-    "all_gather_flat",
+    "Comm",
+    "Handle",
+    "all_gather_into",
     "all_gather_objects",
     "all_reduce",
     "broadcast_from_first",
-    "reduce_scatter_sum",
-    "settle",
+    "exchange_flags",
     "traffic",
+    "wait_all",
 ]
 
 _kept: list[Work] = []  # see [Note: keep finished work handles]
@@ -55,7 +60,7 @@ def _count(kind: str, tensor: torch.Tensor, factor: int = 1) -> None:
     traffic[kind] += factor * tensor.numel() * tensor.element_size()
 
 
-def settle(works: Iterable[Work | None]) -> None:
+def wait_all(works: Iterable[Work | None]) -> None:
     """Wait for ``works`` and keep their handles until the next call (see the note above)."""
     global _kept
     waited = [work for work in works if work is not None]
@@ -73,8 +78,8 @@ def settle(works: Iterable[Work | None]) -> None:
 # torch 2.13 renamed the tensor forms; fall back so older floors keep working.
 _reduce_scatter = getattr(dist, "reduce_scatter_single", dist.reduce_scatter_tensor)
 _all_gather = getattr(dist, "all_gather_single", dist.all_gather_into_tensor)
-_all_reduce_for_reduce_scatter = dist.all_reduce  # gloo's reduce-scatter path (see reduce_scatter_sum)
-_broadcast = dist.broadcast  # gloo's all-gather path (see all_gather_flat)
+_all_reduce_for_reduce_scatter = dist.all_reduce  # gloo's reduce-scatter path (see Comm.reduce_scatter)
+_broadcast = dist.broadcast  # gloo's all-gather path (see Comm.all_gather)
 
 
 class _SliceOfAllReduce:
@@ -92,24 +97,8 @@ class _SliceOfAllReduce:
             owned = self.flat.narrow(0, self.rank * size, size)
             if owned.data_ptr() != self.output.data_ptr():
                 self.output.copy_(owned)
-        self.output = self.flat = None  # the handle outlives the wait (settle keeps it); the buffers need not
+        self.output = self.flat = None  # the handle outlives the wait (wait_all keeps it); the buffers need not
         return True
-
-
-def reduce_scatter_sum(output: torch.Tensor, flat: torch.Tensor, group: ProcessGroup | None) -> Work:
-    """Start summing ``flat`` across ranks into this rank's ``output`` slice; returns the work handle.
-
-    ``output`` may be this rank's own slice of ``flat`` (in place); the rest of ``flat`` is scratch after the
-    call (it may hold the unreduced or the reduced values). On gloo, whose reduce-scatter is an all-reduce of
-    a copy followed by a chunk copy (twice the time of the all-reduce alone, measured on torch 2.13), the
-    all-reduce runs in place on ``flat`` instead: the same sums, half the time. Counted as the logical
-    reduce-scatter it is.
-    """
-    _count("reduce_scatter", flat)
-    if dist.get_backend(group) == "gloo":
-        work = _all_reduce_for_reduce_scatter(flat, op=dist.ReduceOp.SUM, group=group, async_op=True)
-        return _SliceOfAllReduce(work, output, flat, dist.get_rank(group))  # type: ignore[return-value]
-    return _reduce_scatter(output, flat, op=dist.ReduceOp.SUM, group=group, async_op=True)
 
 
 class _AllOf:
@@ -124,7 +113,7 @@ class _AllOf:
         return True
 
 
-#: Up to this many ranks, gloo all-gathers by broadcasts (see ``all_gather_flat``).
+#: Up to this many ranks, gloo all-gathers by broadcasts (see ``Comm.all_gather``).
 BROADCAST_GATHER_MAX_WORLD = 8
 
 
@@ -138,17 +127,108 @@ def _all_gather_by_broadcasts(flat: torch.Tensor, shard: torch.Tensor, group: Pr
                    for source in range(dist.get_world_size(group))])
 
 
-def all_gather_flat(flat: torch.Tensor, shard: torch.Tensor, group: ProcessGroup | None) -> Work:
-    """Start gathering every rank's ``shard`` into ``flat``; ``shard`` may be this rank's slice of it.
+class Handle:
+    """One launched collective. ``wait()`` orders the caller's stream after it (CUDA: the compute stream waits
+    an event, the host does not block; CPU: the host waits) and drops the buffers it kept alive."""
 
-    On gloo with at most ``BROADCAST_GATHER_MAX_WORLD`` ranks, each rank broadcasts its slice in place
-    instead: the same bytes per rank, in 0.5x (1.8M elements) to 0.7x (5.4M) the time of gloo's all-gather
-    at 2 ranks and 0.8x at 4, measured on torch 2.13 (gloo's worker threads run the broadcasts side by side).
+    def __init__(self, work: Work | _AllOf | _SliceOfAllReduce | None, event: Any = None, module: Any = None,
+                 keep: tuple[torch.Tensor, ...] = ()) -> None:
+        self.work, self.event, self.module, self.keep = work, event, module, keep
+
+    def wait(self) -> None:
+        if self.event is not None:
+            self.module.current_stream().wait_event(self.event)
+            self.event = None
+        elif self.work is not None:
+            wait_all([self.work])
+        self.work, self.keep = None, ()
+
+
+class Comm:
+    """The bucket collectives of one engine on one process group, launched on the backend's best path.
+
+    ``native`` ("auto" picks it for every backend but gloo) calls ``reduce_scatter_tensor`` and
+    ``all_gather_into_tensor``, the calls NCCL runs. On an accelerator they run on two dedicated streams
+    (one per direction, so gathers for the next unit never queue behind gradient reductions), each waiting
+    an event recorded on the compute stream after its input was written; ``Handle.wait`` makes the compute
+    stream wait the collective's event. The input buffers stay referenced by the handle until then, which
+    is what keeps the caching allocator from reusing them early: no ``record_stream`` (see
+    [Note: stream ordering]). On gloo, "auto" takes two faster substitutes with the same results (below).
+    ``native`` on gloo runs the NCCL call sequence on CPU, which is how the tests execute it.
+
+    [Note: stream ordering]
+    compute stream: fill bucket -> record E1 ............................ wait E2 -> read shard
+    side stream:                   wait E1 -> reduce_scatter -> record E2
+    A buffer written on the compute stream and read on the side stream is freed only after the compute
+    stream waited E2, so any later use of its memory is ordered after the collective.
     """
-    _count("all_gather", flat)
-    if 1 < dist.get_world_size(group) <= BROADCAST_GATHER_MAX_WORLD and dist.get_backend(group) == "gloo":
-        return _all_gather_by_broadcasts(flat, shard, group=group)  # type: ignore[return-value]
-    return _all_gather(flat, shard, group=group, async_op=True)
+
+    def __init__(self, group: ProcessGroup | None, device: torch.device, path: CommPath = "auto") -> None:
+        if path not in ("auto", "native"):
+            raise ValueError(f"comm path must be 'auto' or 'native', got {path!r}")
+        self.group = group
+        self.rank = dist.get_rank(group)
+        self.world_size = dist.get_world_size(group)
+        self.device = device
+        self.native = path == "native" or dist.get_backend(group) != "gloo"
+        self._streams: dict[str, Any] = {}
+        if device.type not in ("cpu", "meta"):
+            module = torch.get_device_module(device)
+            self._streams = {kind: module.Stream(device=device) for kind in ("reduce_scatter", "all_gather")}
+
+    @property
+    def uses_streams(self) -> bool:
+        """Whether collectives run on dedicated streams (an accelerator) rather than the host's wait."""
+        return bool(self._streams)
+
+    def _on_stream(self, kind: str, launch: Any, keep: tuple[torch.Tensor, ...]) -> Handle:
+        """Run ``launch(async_op)`` on ``kind``'s stream after the compute stream's work so far."""
+        stream = self._streams.get(kind)
+        if stream is None:
+            return Handle(launch(True), keep=keep)
+        module = torch.get_device_module(self.device)
+        stream.wait_stream(module.current_stream())
+        with module.stream(stream):
+            launch(False)  # enqueued on ``stream``; the host does not wait
+            event = stream.record_event()
+        return Handle(None, event, module, keep)
+
+    def reduce_scatter(self, output: torch.Tensor, flat: torch.Tensor) -> Handle:
+        """Start summing ``flat`` across ranks into this rank's ``output`` slice.
+
+        ``output`` may be this rank's own slice of ``flat`` (in place); the rest of ``flat`` is scratch after
+        the call. On gloo ("auto"), whose reduce-scatter is an all-reduce of a copy followed by a chunk copy
+        (twice the time of the all-reduce alone, measured on torch 2.13), the all-reduce runs in place on
+        ``flat`` instead: the same sums, half the time. Counted as the logical reduce-scatter it is.
+        """
+        _count("reduce_scatter", flat)
+        if not self.native:
+            work = _all_reduce_for_reduce_scatter(flat, op=dist.ReduceOp.SUM, group=self.group, async_op=True)
+            return Handle(_SliceOfAllReduce(work, output, flat, self.rank))
+        # NCCL reduces in place when ``output`` is this rank's slice of ``flat`` (its documented in-place case).
+        def launch(async_op: bool) -> Work | None:
+            return _reduce_scatter(output, flat, op=dist.ReduceOp.SUM, group=self.group, async_op=async_op)
+
+        return self._on_stream("reduce_scatter", launch, (output, flat))
+
+    def all_gather(self, flat: torch.Tensor, shard: torch.Tensor) -> Handle:
+        """Start gathering every rank's ``shard`` into ``flat``; ``shard`` may be this rank's slice of it.
+
+        On gloo ("auto") with at most ``BROADCAST_GATHER_MAX_WORLD`` ranks, each rank broadcasts its slice in
+        place instead: the same bytes per rank, in 0.5x (1.8M elements) to 0.7x (5.4M) the time of gloo's
+        all-gather at 2 ranks and 0.8x at 4, measured on torch 2.13 (gloo's worker threads run them side by
+        side).
+        """
+        _count("all_gather", flat)
+        if not self.native:
+            if 1 < self.world_size <= BROADCAST_GATHER_MAX_WORLD:
+                return Handle(_all_gather_by_broadcasts(flat, shard, group=self.group))
+            return Handle(_all_gather(flat, shard, group=self.group, async_op=True))
+
+        def launch(async_op: bool) -> Work | None:
+            return _all_gather(flat, shard, group=self.group, async_op=async_op)
+
+        return self._on_stream("all_gather", launch, (flat, shard))
 
 
 def broadcast_from_first(tensors: list[torch.Tensor], group: ProcessGroup | None) -> None:
@@ -156,13 +236,13 @@ def broadcast_from_first(tensors: list[torch.Tensor], group: ProcessGroup | None
     src = dist.get_global_rank(group, 0) if group is not None else 0
     for tensor in tensors:
         _count("broadcast", tensor)
-    settle([dist.broadcast(t, src=src, group=group, async_op=True) for t in tensors])
+    wait_all([dist.broadcast(t, src=src, group=group, async_op=True) for t in tensors])
 
 
 def all_reduce(tensor: torch.Tensor, op: dist.ReduceOp, group: ProcessGroup | None) -> None:
     """Reduce ``tensor`` in place across ranks with ``op`` and wait."""
     _count("all_reduce", tensor, factor=2)
-    settle([dist.all_reduce(tensor, op=op, group=group, async_op=True)])
+    wait_all([dist.all_reduce(tensor, op=op, group=group, async_op=True)])
 
 
 def all_gather_objects(obj: Any, group: ProcessGroup | None) -> list[Any]:
@@ -171,3 +251,22 @@ def all_gather_objects(obj: Any, group: ProcessGroup | None) -> list[Any]:
     gathered: list[Any] = [None] * world
     dist.all_gather_object(gathered, obj, group=group)
     return gathered
+
+
+def all_gather_into(flat: torch.Tensor, shard: torch.Tensor, group: ProcessGroup | None) -> None:
+    """Gather every rank's ``shard`` into ``flat`` and wait: the cold paths (state dicts, initialisation)."""
+    _count("all_gather", flat)
+    wait_all([_all_gather(flat, shard, group=group, async_op=True)])
+
+
+_gather_flags = _all_gather  # kept apart, so counting wrappers around the bucket path do not see it
+
+
+def exchange_flags(local: torch.Tensor, group: ProcessGroup | None) -> torch.Tensor:
+    """Every rank's 1-D ``local`` (small integer flags), as a (world, n) tensor on the host: one all-gather
+    and one host read, the step's only ones (see ``ZeroEngine.reduce_gradients``)."""
+    world = dist.get_world_size(group)
+    gathered = local.new_empty(world * local.numel())
+    _count("all_gather", gathered)
+    wait_all([_gather_flags(gathered, local, group=group, async_op=True)])
+    return gathered.view(world, local.numel()).cpu()

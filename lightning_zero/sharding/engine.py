@@ -19,8 +19,11 @@ from __future__ import annotations
 
 import contextlib
 import math
+import zlib
+from array import array
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -28,20 +31,23 @@ import torch.distributed as dist
 from torch.distributed import ProcessGroup
 
 from lightning_zero.config import ZeroConfig, resolve_reduce_policy
+from lightning_zero.sharding.bucket import FlatBucket
 from lightning_zero.sharding.collectives import (
-    all_gather_flat,
+    Comm,
+    all_gather_into,
     all_gather_objects,
     all_reduce,
     broadcast_from_first,
-    settle,
+    exchange_flags,
     traffic,
+    wait_all,
 )
 from lightning_zero.sharding.gradients import GradientReducer
 from lightning_zero.sharding.init import PendingChunk, pending_chunks
-from lightning_zero.sharding.layout import Bucket, ByModule, BySize, DtypeSlots, Layout, plan_layout
+from lightning_zero.sharding.layout import ByModule, BySize, DtypeSlots, Layout, plan_layout
 from lightning_zero.sharding.optimizer import ShardedOptimizer, check_host_steppable
 from lightning_zero.sharding.parameters import ParameterSharder, module_units
-from lightning_zero.sharding.state import FullSource, StateSource
+from lightning_zero.sharding.state import FORMAT, FullSource, StateSource
 
 __all__ = ["ZeroEngine"]
 
@@ -122,34 +128,39 @@ class ZeroEngine:
                                           shapes={p: c.shape for p, c in chunks.items()})
         self._check_ranks_agree()
         self.params: list[torch.nn.Parameter] = [param for _, param in named]
-        self.flat_params: dict[int, torch.Tensor] = {}  # bucket index -> 1D padded storage buffer
-        self.masters: dict[int, torch.Tensor] = {}  # bucket index -> 1D master slice (shard_numel); host if offload
-        self.host_grads: dict[int, torch.Tensor] = {}  # offload: bucket index -> 1D host gradient slice, master dtype
-        self.param_shards: dict[int, torch.Tensor] = {}  # stage 3: bucket -> this rank's 1D storage slice
+        self.comm = Comm(process_group, self.device, self.config.comm)
+        stage3 = self.config.stage == 3
+        #: One object per bucket of the layout, in layout order: its buffers and states.
+        self.buckets: list[FlatBucket] = [
+            FlatBucket(plan, [self.params[i] for i in plan.params], self.layout, self.rank,
+                       persistent=stage3 and not plan.unit, is_flat=plan.trainable or stage3)
+            for plan in self.layout.buckets
+        ]
         self._flatten_from_first_rank()
         self.sharder: ParameterSharder | None = None
-        if self.config.stage == 3:
-            self.sharder = ParameterSharder(module, self.units, self.layout, self.params, self.flat_params,
-                                            self.param_shards, self.rank, process_group)
+        if stage3:
+            self.sharder = ParameterSharder(module, self.units, self.buckets, self.comm)
         self.reducer = GradientReducer(
-            self.layout, self.params, self.rank, process_group, self.config.stage, self.reduce_policy,
-            on_launch=self.sharder.release_one if self.sharder is not None else None,
+            self.buckets, self.layout, self.comm, self.config.stage, self.reduce_policy,
+            on_launch=self.sharder.release_bucket if self.sharder is not None else None,
         )
-        grad_shards = {state.bucket.index: state.shard for state in self.reducer.buckets}
         if self.offload:
-            self.host_grads = {index: self._host_empty(shard.numel(), self.masters[index].dtype)
-                               for index, shard in grad_shards.items()}
+            for bucket in self.trainable_buckets:
+                assert bucket.master is not None
+                bucket.host_grad = self._host_empty(bucket.plan.shard_numel, bucket.master.dtype)
         self.optimizer = ShardedOptimizer(
             optimizer,
             self.layout,
             self.rank,
-            self.masters,
-            self.host_grads if self.offload else grad_shards,
+            self.trainable_buckets,
             fqn_of,
             self.config.allow_unknown_optimizer,
             device=self.device,
         )
-        self._had_grad: list[bool] | None = None
+        self._flags: _StepFlags | None = None
+        #: Set by the precision plugin before backward: whether this window's loss was not finite (a device
+        #: flag, read in the step's one flag exchange).
+        self.loss_nonfinite: torch.Tensor | bool = False
         #: Logical bytes by collective kind (``collectives.traffic``) that the last optimizer step's window
         #: moved on this rank: its micro-batches' gathers and reductions, the step and the all-gather after.
         self.last_step_traffic: dict[str, int] = {}
@@ -157,6 +168,20 @@ class ZeroEngine:
         # The factor the loss was multiplied by before backward (fp16 loss scaling sets it), divided out
         # once when the gradients are reduced.
         self.loss_scale = 1.0
+
+    @property
+    def stage(self) -> int:
+        return self.config.stage
+
+    @property
+    def trainable_buckets(self) -> list[FlatBucket]:
+        """The buckets ZeRO reduces and steps, in layout order."""
+        return [bucket for bucket in self.buckets if bucket.trainable]
+
+    @property
+    def in_flight_bytes(self) -> int:
+        """Bytes of transient bucket buffers whose reduction has not finished."""
+        return self.reducer.in_flight_bytes
 
     # ------------------------------------------------------------------ setup
     def _check_ranks_agree(self) -> None:
@@ -179,15 +204,6 @@ class ZeroEngine:
                         )
         raise ValueError("ranks build different models or optimizer groups; build the same on every rank")
 
-    def _is_flat(self, bucket: Bucket) -> bool:
-        """Trainable buckets are flattened in every stage; stage 3 shards frozen ones too."""
-        return bucket.trainable or self.config.stage == 3
-
-    def _has_own_master(self, bucket: Bucket) -> bool:
-        """Whether ``bucket``'s master is a tensor of its own (a wider dtype, or offloaded), copied into the
-        storage slice after each step, rather than the storage slice itself."""
-        return bucket.trainable and (bucket.dtypes.separate_master or self.offload)
-
     def _host_empty(self, numel: int, dtype: torch.dtype) -> torch.Tensor:
         """A 1-D host buffer for offload; see [Note: optimizer offload]."""
         return torch.empty(numel, dtype=dtype, device="cpu", pin_memory=self._pin)
@@ -201,37 +217,32 @@ class ZeroEngine:
         """Start every rank from rank 0's values, with each flattened bucket's parameters moved into one
         flat storage buffer (parameters become views of it) and this rank's master slice taken from the
         original-precision values, before any cast to the storage dtype."""
-        for bucket in self.layout.buckets:
-            if not self._is_flat(bucket):
+        for bucket in self.buckets:
+            if not bucket.is_flat:
                 continue
-            members = [self.params[i] for i in bucket.params]
-            original = torch.zeros(bucket.padded_numel, dtype=members[0].dtype, device=members[0].device)
+            plan = bucket.plan
+            members = bucket.params
+            original = torch.zeros(plan.padded_numel, dtype=members[0].dtype, device=members[0].device)
             pending = [p for p in members if p in self._chunks]
             wholes = dict(zip(map(id, pending), self._assemble(pending, [self._chunks.pop(p) for p in pending])))
-
-            for index, param in zip(bucket.params, members):
+            for index, param in zip(plan.params, members):
                 record = self.layout.params[index]
                 value = wholes.get(id(param), param.detach())
                 original.narrow(0, record.offset, record.numel).copy_(value.reshape(-1))
             if not pending:  # built whole on every rank: start from rank 0's values
                 broadcast_from_first([original], self.group)
-            slots = bucket.dtypes
+            slots = plan.dtypes
             flat = original if slots.storage == original.dtype else original.to(slots.storage)
-            for index, param in zip(bucket.params, members):
-                record = self.layout.params[index]
-                param.data = flat.narrow(0, record.offset, record.numel).view(record.shape)
-            lo, hi = bucket.shard_range(self.rank)
-            owned = flat.narrow(0, lo, hi - lo)
-            if self.config.stage == 3:  # a copy that outlives the full buffer; see [Note: persistent parameters]
-                owned = self.param_shards[bucket.index] = owned.clone() if bucket.unit else owned
-            if bucket.trainable:
+            # Stage 3's unit slices outlive the full buffer; see [Note: persistent parameters].
+            bucket.adopt(flat, own_shard=self.config.stage == 3 and not bucket.persistent)
+            if plan.trainable:
+                lo, hi = plan.shard_range(self.rank)
                 value = original.narrow(0, lo, hi - lo)
                 if self.offload:
-                    self.masters[bucket.index] = self._host_empty(hi - lo, slots.master).copy_(value)
+                    bucket.master = self._host_empty(hi - lo, slots.master).copy_(value)
                 else:
-                    self.masters[bucket.index] = value.to(slots.master, copy=True) if slots.separate_master else owned
-            self.flat_params[bucket.index] = flat
-        others = [self.params[i].data for b in self.layout.buckets if not self._is_flat(b) for i in b.params]
+                    bucket.master = value.to(slots.master, copy=True) if slots.separate_master else bucket.shard
+        others = [param.data for bucket in self.buckets if not bucket.is_flat for param in bucket.params]
         broadcast_from_first(others + [buffer for _, buffer in self.module.named_buffers()], self.group)
 
     def _assemble(self, params: list[torch.nn.Parameter], chunks: list[PendingChunk]) -> list[torch.Tensor]:
@@ -243,7 +254,7 @@ class ZeroEngine:
             pending_chunks.pop(param, None)
         local = torch.cat([c.chunk for c in chunks])
         gathered = local.new_empty(local.numel() * self.world_size)
-        settle([all_gather_flat(gathered, local, self.group)])
+        all_gather_into(gathered, local, self.group)
         per_rank = gathered.view(self.world_size, local.numel())
         wholes, offset = [], 0
         for chunk in chunks:
@@ -261,33 +272,77 @@ class ZeroEngine:
     def reduce_gradients(self) -> None:
         """Finish this window's reductions and turn the shards into true averaged gradients, dividing by
         ``world_size * loss_scale`` once (idempotent until the step). A backward after this and before the
-        step raises: reduce (or read norms) only after the window's last micro-batch."""
-        if self._had_grad is None:
-            self._check_trainability_unchanged()
-            self._had_grad = self.reducer.finish(divide_by=self.world_size * self.loss_scale)
+        step raises: reduce (or read norms) only after the window's last micro-batch.
+
+        Every flag the step needs crosses ranks here in one exchange with one host read: which parameters
+        had a gradient on some rank, which buckets hold late gradients ([Note: observed order]), whether
+        each rank's loss and gradient shards were finite, and (stage 3) the units each rank's forward ran.
+        """
+        if self._flags is not None:
+            return
+        self._check_trainability_unchanged()
+        self.reducer.finish()
+        self._flags = flags = self._exchange_flags()
+        if flags.order_hashes.count(flags.order_hashes[0]) != len(flags.order_hashes):
+            self._raise_unit_order_divergence()
+        self.reducer.reduce_late(flags.late)
+        if self.reducer.recording:
+            self.reducer.adopt_order(all_gather_objects(self.reducer.arrival, self.group)[0])
+        self.reducer.divide(self.world_size * self.loss_scale)
+
+    def _exchange_flags(self) -> _StepFlags:
+        reducer = self.reducer
+        shards = [b.grad_shard for b in reducer.order if b.grad_shard is not None]
+        shards += [b.late for b in reducer.order if b.late is not None]
+        # aminmax propagates NaN and shows an inf: exact in one pass, and no host read here.
+        extremes = torch.stack([torch.stack(torch.aminmax(s)).float() for s in shards]) if shards else None
+        grad_nonfinite = (~torch.isfinite(extremes)).any() if extremes is not None else torch.tensor(False)
+        units = self.sharder.window_units if self.sharder is not None else []
+        order_hash = zlib.crc32(array("q", units).tobytes()).to_bytes(4, "little") if units else bytes(4)
+        # One byte per flag: had a gradient (per parameter), late gradients (per bucket), loss and gradient
+        # not finite, then the 4 bytes of stage 3's unit-order hash.
+        host = torch.tensor([*reducer.had_grad, *reducer.late_buckets(), 0, 0, *order_hash], dtype=torch.uint8)
+        local = host.to(self.device)
+        local[-6] = torch.as_tensor(self.loss_nonfinite, device=self.device).to(torch.uint8)
+        local[-5] = grad_nonfinite.to(device=self.device, dtype=torch.uint8)
+        rows = exchange_flags(local, self.group)
+        count = len(reducer.had_grad)
+        return _StepFlags(
+            had_grad=rows[:, :count].amax(0).bool().tolist(),
+            late=rows[:, count:-6].amax(0).bool().tolist(),
+            loss_nonfinite=[r for r in range(self.world_size) if rows[r, -6]],
+            grad_nonfinite=[r for r in range(self.world_size) if rows[r, -5]],
+            order_hashes=[bytes(row[-4:].tolist()) for row in rows],
+        )
+
+    def _raise_unit_order_divergence(self) -> None:
+        """Name the first unit where ranks' forwards differed in this window (a collective)."""
+        assert self.sharder is not None
+        orders = all_gather_objects(self.sharder.window_units, self.group)
+        names = self.sharder.units
+        for rank, order in enumerate(orders[1:], start=1):
+            for position in range(max(len(orders[0]), len(order))):
+                first = names[orders[0][position]] if position < len(orders[0]) else "nothing"
+                other = names[order[position]] if position < len(order) else "nothing"
+                if first != other:
+                    raise RuntimeError(
+                        f"ZeRO stage 3 needs every rank to run the same modules in the same order, but in this step "
+                        f"forward call {position} ran {first!r} on rank 0 and {other!r} on rank {rank}: their "
+                        "gathers would pair up wrong. No weight was updated. Call every module on every rank (a "
+                        "rank-dependent head or an early exit: run it on all ranks and mask its output), or use "
+                        "zero1/zero2, which allow it."
+                    )
 
     def found_nonfinite_gradient(self) -> bool:
         """Whether any rank's gradient shard holds an inf or NaN (a collective; same answer everywhere)."""
         return bool(self.nonfinite_ranks()[1])
 
-    def nonfinite_ranks(self, loss_nonfinite: torch.Tensor | bool = False) -> tuple[list[int], list[int]]:
-        """The ranks whose loss (as the caller saw it) and whose reduced gradient shard were not finite.
-        One tiny all-gather: every rank gets the same answer and so takes the same decision."""
-        shards = self.grad_shards()
-        device = shards[0].device if shards else torch.device("cpu")
-        # A NaN or inf anywhere makes the sum non-finite, so summing is the cheap test (a full isfinite scan
-        # cost a tenth of a CPU step); a finite sum that overflows falls back to the exact test.
-        sums = torch.stack([shard.sum(dtype=torch.float32) for shard in shards]) if shards else torch.zeros(0)
-        grad_nonfinite = (~torch.isfinite(sums)).any().float()
-        if grad_nonfinite.item():
-            grad_nonfinite = torch.tensor(float(any(not torch.isfinite(shard).all() for shard in shards)))
-        local = torch.stack([torch.as_tensor(loss_nonfinite, dtype=torch.float32, device=device),
-                             grad_nonfinite.to(device)])
-        gathered = torch.empty(2 * self.world_size, device=device)
-        settle([all_gather_flat(gathered, local, self.group)])
-        flags = gathered.view(self.world_size, 2).cpu()
-        return ([r for r in range(self.world_size) if flags[r, 0]],
-                [r for r in range(self.world_size) if flags[r, 1]])
+    def nonfinite_ranks(self) -> tuple[list[int], list[int]]:
+        """The ranks whose loss (``loss_nonfinite``) and whose reduced gradient shard were not finite in this
+        window: read from the step's flag exchange, so every rank takes the same decision."""
+        self.reduce_gradients()
+        assert self._flags is not None
+        return self._flags.loss_nonfinite, self._flags.grad_nonfinite
 
     def skip_step(self) -> None:
         """Drop this window's gradients without touching weights or optimizer state."""
@@ -307,24 +362,24 @@ class ZeroEngine:
     def grad_shards(self) -> list[torch.Tensor]:
         """This rank's averaged gradient slices, one 1-D tensor per trainable bucket."""
         self.reduce_gradients()
-        return [state.shard for state in self.reducer.buckets]
+        return [bucket.grad_shard for bucket in self.trainable_buckets if bucket.grad_shard is not None]
 
     def clip_grad_norm_(self, max_norm: float, norm_type: float = 2.0) -> torch.Tensor:
         """Clip the global gradient norm over all ranks' shards to ``max_norm``; return the norm before.
 
-        ``torch.nn.utils.clip_grad_norm_`` would see only this rank's slice, hence the all-reduce.
+        ``torch.nn.utils.clip_grad_norm_`` would see only this rank's slice, hence the all-reduce. The scale
+        stays on the device (no host read): multiplying by exactly 1.0 leaves a gradient unchanged.
         """
         total = self.grad_norm(norm_type)
-        scale = max_norm / (total.item() + 1e-6)
-        if scale < 1.0:
-            for shard in self.grad_shards():
-                shard.mul_(scale)
+        scale = (max_norm / (total + 1e-6)).clamp(max=1.0)
+        for shard in self.grad_shards():
+            shard.mul_(scale.to(shard.device))
         return total
 
     def grad_norm(self, norm_type: float = 2.0) -> torch.Tensor:
         """The norm of the whole (averaged) gradient, identical on every rank (a collective)."""
         shards = self.grad_shards()
-        device = shards[0].device if shards else torch.device("cpu")
+        device = shards[0].device if shards else self.device
         if math.isinf(norm_type):
             local = torch.stack([s.abs().max() for s in shards]).max().float() if shards else torch.zeros(())
             local = local.to(device)
@@ -348,12 +403,13 @@ class ZeroEngine:
             with torch.enable_grad():
                 loss = closure()
         self.reduce_gradients()
-        assert self._had_grad is not None
+        assert self._flags is not None
         if self.offload:
-            for state in self.reducer.buckets:
-                self.host_grads[state.bucket.index].copy_(state.shard, non_blocking=self._pin)
+            for bucket in self.trainable_buckets:
+                assert bucket.host_grad is not None and bucket.grad_shard is not None
+                bucket.host_grad.copy_(bucket.grad_shard, non_blocking=self._pin)
             self._wait_for_host_copies()
-        self.optimizer.step(self._had_grad)
+        self.optimizer.step(self._flags.had_grad)
         self._gather_params()
         self.zero_grad()
         return loss
@@ -361,20 +417,15 @@ class ZeroEngine:
     def _gather_params(self) -> None:
         """Stages 1-2: all-gather the updated slices. Stage 3: the slice is the parameter until the next
         forward gathers it."""
-        works = []
-        for bucket in self.layout.buckets:
-            if not bucket.trainable:
-                continue
-            flat = self.flat_params[bucket.index]
-            lo, hi = bucket.shard_range(self.rank)
-            owned = self.param_shards.get(bucket.index)
-            if owned is None:
-                owned = flat.narrow(0, lo, hi - lo)
-            if self._has_own_master(bucket):
-                owned.copy_(self.masters[bucket.index], non_blocking=self._pin)
+        handles = []
+        for bucket in self.trainable_buckets:
+            if bucket.own_master:
+                assert bucket.master is not None
+                bucket.shard.copy_(bucket.master, non_blocking=self._pin)
             if self.config.stage < 3:
-                works.append(all_gather_flat(flat, owned, self.group))
-        settle(works)
+                handles.append(self.comm.all_gather(bucket.flat, bucket.shard))
+        for handle in handles:
+            handle.wait()
         if self.sharder is not None:
             self.sharder.after_step()
 
@@ -389,9 +440,12 @@ class ZeroEngine:
             self.sharder.release_all()
 
     def zero_grad(self) -> None:
-        """Clear gradients and start a new accumulation window (also done at the end of ``step``)."""
+        """Clear gradients and start a new window (also done at the end of ``step``)."""
         self.reducer.zero_grad()
-        self._had_grad = None
+        self._flags = None
+        self.loss_nonfinite = False
+        if self.sharder is not None:
+            self.sharder.window_units.clear()
         self._close_traffic_window()
 
     def _close_traffic_window(self) -> None:
@@ -411,13 +465,13 @@ class ZeroEngine:
         every rank. Loadable on any world size. A collective: call it on every rank."""
         return {"params": self.full_params(), "optimizer": self.optimizer.full_state_dict(self.group)}
 
-    def _authoritative_shard(self, bucket: Bucket) -> torch.Tensor | None:
+    def _authoritative_shard(self, bucket: FlatBucket) -> torch.Tensor | None:
         """The slice that holds ``bucket``'s true values when the full parameters do not (a master in a wider
         dtype, or stage 3's parameter slice); None when the module's parameters are whole and exact (an
         offloaded master in the storage dtype equals the storage slice: [Note: optimizer offload])."""
-        if bucket.trainable and bucket.dtypes.separate_master:
-            return self.masters[bucket.index]
-        return self.param_shards.get(bucket.index)
+        if bucket.trainable and bucket.plan.dtypes.separate_master:
+            return bucket.master
+        return bucket.shard if self.config.stage == 3 else None
 
     @contextlib.contextmanager
     def gathered_parameters(
@@ -431,19 +485,16 @@ class ZeroEngine:
         """
         chosen = list(self.params if params is None else params)
         ids = {id(p) for p in chosen}
-        buckets = sorted({r.bucket for r in self.layout.params if id(self.params[r.index]) in ids})
+        indices = sorted({r.bucket for r in self.layout.params if id(self.params[r.index]) in ids})
+        buckets = [self.buckets[i] for i in indices]
         if self.sharder is not None:
-            self.sharder.gather(buckets)
+            self.sharder.gather(indices)
         before = {}
         if modifier_rank is not None:  # to move only changed values into fp32 masters (no rounding)
-            for index in buckets:
-                bucket = self.layout.buckets[index]
-                if self._has_own_master(bucket):
-                    lo, hi = bucket.shard_range(self.rank)
-                    before[index] = self.flat_params[index].narrow(0, lo, hi - lo).clone()
+            before = {b.index: b.owned().clone() for b in buckets if b.own_master}
         # Stage 3's persistent buckets are their own slices: without a modifier, restore what the block changes.
         kept = {} if modifier_rank is not None or self.sharder is None else {
-            index: self.param_shards[index].clone() for index in buckets if index in self.sharder.persistent}
+            b.index: b.shard.clone() for b in buckets if b.persistent}
         try:
             yield chosen
             if modifier_rank is not None:
@@ -451,29 +502,26 @@ class ZeroEngine:
         finally:
             if self.sharder is not None:
                 for index, value in kept.items():
-                    self.param_shards[index].copy_(value)
+                    self.buckets[index].shard.copy_(value)
                 self.sharder.refresh_persistent(sorted(kept))
-                self.sharder.release(buckets)
+                self.sharder.release(indices)
 
-    def _write_back(self, buckets: list[int], modifier_rank: int, before: dict[int, torch.Tensor]) -> None:
+    def _write_back(self, buckets: list[FlatBucket], modifier_rank: int, before: dict[int, torch.Tensor]) -> None:
         src = dist.get_global_rank(self.group, modifier_rank) if self.group is not None else modifier_rank
         self._wait_for_host_copies()  # masters are written below
         with torch.no_grad():
-            for index in buckets:
-                bucket = self.layout.buckets[index]
-                tensors = [self.flat_params[index]] if self._is_flat(bucket) else [
-                    self.params[i].data for i in bucket.params]
-                settle([dist.broadcast(t, src=src, group=self.group, async_op=True) for t in tensors])
-                if not self._is_flat(bucket):
+            for bucket in buckets:
+                tensors = [bucket.flat] if bucket.is_flat else [p.data for p in bucket.params]
+                wait_all([dist.broadcast(t, src=src, group=self.group, async_op=True) for t in tensors])
+                if not bucket.is_flat:
                     continue
-                lo, hi = bucket.shard_range(self.rank)
-                owned = self.flat_params[index].narrow(0, lo, hi - lo)
-                shard = self.param_shards.get(index)
-                if shard is not None:
-                    shard.copy_(owned)
-                if index in before:
-                    master = self.masters[index]
-                    changed = owned != before[index]
+                owned = bucket.owned()
+                if bucket.shard.data_ptr() != owned.data_ptr():
+                    bucket.shard.copy_(owned)
+                if bucket.index in before:
+                    master = bucket.master
+                    assert master is not None
+                    changed = owned != before[bucket.index]
                     master[changed.to(master.device)] = owned[changed].to(device=master.device, dtype=master.dtype)
         if self.sharder is not None:
             self.sharder.refresh_persistent()
@@ -481,18 +529,18 @@ class ZeroEngine:
     @property
     def holds_sharded_values(self) -> bool:
         """Whether some true parameter values live only in slices (fp32 masters, stage 3)."""
-        return any(self._authoritative_shard(b) is not None for b in self.layout.buckets)
+        return any(self._authoritative_shard(b) is not None for b in self.buckets)
 
     def full_params(self) -> dict[str, torch.Tensor]:
         """Whole parameters keyed by FQN (and alias), on CPU; masters where they exist. A collective."""
         params: dict[str, torch.Tensor] = {}
-        for bucket in self.layout.buckets:
+        for bucket in self.buckets:
             source: torch.Tensor | None = None
             shard = self._authoritative_shard(bucket)
             if shard is not None:
-                source = torch.empty(bucket.padded_numel, dtype=shard.dtype, device=self.device)
-                settle([all_gather_flat(source, shard.to(self.device), self.group)])
-            for index in bucket.params:
+                source = torch.empty(bucket.plan.padded_numel, dtype=shard.dtype, device=self.device)
+                all_gather_into(source, shard.to(self.device), self.group)
+            for index in bucket.plan.params:
                 record = self.layout.params[index]
                 if source is not None:
                     value = source.narrow(0, record.offset, record.numel).view(record.shape)
@@ -528,16 +576,20 @@ class ZeroEngine:
         """Restore parameters (and optimizer state) from ``source``, saved on any world size and stage:
         each rank reads only the ranges it keeps. No collective. Checked whole before anything changes."""
         self.check_source(source, optimizer)
-        sharded = self._sharded_params
         self._wait_for_host_copies()  # masters are written below
+        stage3 = self.config.stage == 3
         with torch.no_grad():
-            for record in self.layout.params:
-                if record.index not in sharded:
-                    self.params[record.index].copy_(source.param(record.fqn, 0, record.numel).view(record.shape))
-            for bucket in self.layout.buckets:
-                targets = [t for t in (self.param_shards.get(bucket.index), self.masters.get(bucket.index))
-                           if t is not None]
-                for piece in self.layout.shard_slices(bucket, self.rank) if targets else ():
+            for bucket in self.buckets:
+                if not stage3:
+                    for index, param in zip(bucket.plan.params, bucket.params):
+                        record = self.layout.params[index]
+                        param.copy_(source.param(record.fqn, 0, record.numel).view(record.shape))
+                # Stage 3 keeps values in its slices; a master of its own (wider, or offloaded) is written too.
+                targets = [bucket.shard] if stage3 else []
+                if bucket.own_master:
+                    assert bucket.master is not None
+                    targets.append(bucket.master)
+                for piece in self.layout.shard_slices(bucket.plan, self.rank) if targets else ():
                     value = source.param(self.layout.params[piece.param].fqn, piece.start, piece.numel)
                     for target in targets:
                         target.narrow(0, piece.shard_offset, piece.numel).copy_(value)
@@ -546,10 +598,44 @@ class ZeroEngine:
         if optimizer:
             self.optimizer.load_state(source)
 
-    @property
-    def _sharded_params(self) -> set[int]:
-        """Parameters whose module tensor is not whole between uses (stage 3)."""
-        return {i for b in self.layout.buckets if b.index in self.param_shards for i in b.params}
+    def local_state_dict(self, optimizer: bool = True) -> dict[str, Any]:
+        """This rank's part of the state, on CPU, with no collective: every slice of a flattened parameter it
+        owns (at master precision), with that slice's optimizer state unless ``optimizer`` is False, and, on
+        the group's first rank, the parameters that are not sharded (``state.consolidate`` joins them)."""
+        pieces = []
+        for bucket in self.buckets:
+            if not bucket.is_flat:
+                continue
+            source = bucket.master if bucket.master is not None else bucket.shard
+            masters = {entry.piece.param: entry.master for entry in bucket.entries}
+            for piece in self.layout.shard_slices(bucket.plan, self.rank):
+                master = masters.get(piece.param)
+                state = self.optimizer.optimizer.state.get(master, {}) if optimizer and master is not None else {}
+                pieces.append({
+                    "fqn": self.layout.params[piece.param].fqn,
+                    "start": piece.start,
+                    "numel": piece.numel,
+                    "param": source.narrow(0, piece.shard_offset, piece.numel).to("cpu", copy=True),
+                    "optimizer": {key: value.to("cpu", copy=True) if torch.is_tensor(value) else value
+                                  for key, value in state.items()},
+                })
+        whole = {}
+        if self.rank == 0:
+            for bucket in self.buckets:
+                if not bucket.is_flat:
+                    for index, param in zip(bucket.plan.params, bucket.params):
+                        whole[self.layout.params[index].fqn] = param.detach().to("cpu", copy=True)
+        return {
+            "format": FORMAT,
+            "rank": self.rank,
+            "world_size": self.world_size,
+            "stage": self.config.stage,
+            "shapes": {r.fqn: tuple(r.shape) for r in self.layout.params},
+            "aliases": {r.fqn: list(r.aliases) for r in self.layout.params if r.aliases},
+            "pieces": pieces,
+            "whole": whole,
+            "param_groups": self.optimizer.param_groups() if optimizer else None,
+        }
 
     def materialize_module(self) -> None:
         """Give the module whole parameters, in the master dtype (fp32 after mixed-precision training).
@@ -559,15 +645,15 @@ class ZeroEngine:
         if self.sharder is not None:
             self.sharder.remove_hooks()
             self.sharder.gather_all()
-        for bucket in self.layout.buckets:
-            if not (bucket.trainable and bucket.dtypes.separate_master):
+        for bucket in self.trainable_buckets:
+            if not bucket.plan.dtypes.separate_master:
                 continue
-            master = self.masters[bucket.index]
-            full = torch.empty(bucket.padded_numel, dtype=master.dtype, device=self.device)
-            settle([all_gather_flat(full, master.to(self.device), self.group)])
-            for index in bucket.params:
+            assert bucket.master is not None
+            full = torch.empty(bucket.plan.padded_numel, dtype=bucket.master.dtype, device=self.device)
+            all_gather_into(full, bucket.master.to(self.device), self.group)
+            for index, param in zip(bucket.plan.params, bucket.params):
                 record = self.layout.params[index]
-                self.params[index].data = full.narrow(0, record.offset, record.numel).view(record.shape)
+                param.data = full.narrow(0, record.offset, record.numel).view(record.shape)
 
     def close(self) -> None:
         """Remove every hook this engine installed; the module keeps its (flat-buffer) parameters."""
@@ -575,3 +661,14 @@ class ZeroEngine:
         self.optimizer.remove_hooks()
         if self.sharder is not None:
             self.sharder.remove_hooks()
+
+
+@dataclass(frozen=True)
+class _StepFlags:
+    """What the step's one flag exchange told every rank (see ``ZeroEngine.reduce_gradients``)."""
+
+    had_grad: list[bool]  # per parameter: some rank produced a gradient in this window
+    late: list[bool]  # per bucket in launch order: some rank holds late gradients for it
+    loss_nonfinite: list[int]  # ranks whose loss was not finite
+    grad_nonfinite: list[int]  # ranks whose gradient shards held an inf or NaN
+    order_hashes: list[bytes]  # per rank: stage 3's units run in this window (zeros otherwise)

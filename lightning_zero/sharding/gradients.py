@@ -1,12 +1,24 @@
-"""Gradient reduction for stages 1 and 2: bucketed, asynchronous reduce-scatter started from
-post-accumulate-grad hooks as buckets fill, summed into each rank's gradient shard.
+"""Gradient reduction: the scheduler that hands trainable buckets to reduce-scatters, from
+post-accumulate-grad hooks, in the order backward really fills them.
 
 [Note: gradient window]
 A window runs from one optimizer step to the next. Inside it, backward passes either reduce (the policy
 says so, or sync is on) or accumulate locally. Shards hold the SUM over ranks and reducing backwards;
-``finish`` divides once, at the step, which keeps several reducing backwards in one window exact.
-Stage 1 keeps a full flat gradient buffer per bucket (``param.grad`` are views into it); stages 2 and 3
-free full gradients as soon as their bucket is handed to the reduce-scatter.
+the step divides once, which keeps several reducing backwards in one window exact. Stage 1 keeps a full
+flat gradient buffer per bucket (``param.grad`` are views into it); stages 2 and 3 free full gradients as
+soon as their bucket is handed to the reduce-scatter.
+
+[Note: observed order]
+Collectives must start in the same order on every rank, so buckets launch in one fixed order. Before the
+first step that order is a guess (reverse registration order; stage 3: reverse forward order). The first
+window records the order in which each parameter's gradient first arrives; at its step every rank adopts
+rank 0's record (``adopt_order``) and buckets launch in the order their last gradient arrives. A model that
+calls its blocks in another order than it registers them then overlaps as well as one that does not.
+From then on (stages 2 and 3) the bucket at the head of the order never holds the others back: when a
+later bucket is complete and the head is not (a parameter without a gradient this time), the head launches
+with zeros for what is missing, and a gradient that still comes later in the same backward is kept in the
+bucket's ``late`` buffer and reduced by one more reduce-scatter at the step, on every rank, only when some
+rank has one (the step's flag exchange says so). Stage 1 keeps full gradients anyway and waits instead.
 """
 
 from __future__ import annotations
@@ -14,16 +26,13 @@ from __future__ import annotations
 import contextlib
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
-from typing import Literal, NamedTuple
+from typing import Literal
 
 import torch
-import torch.distributed as dist
-from torch.distributed import ProcessGroup, Work
-from torch.utils.hooks import RemovableHandle
 
-from lightning_zero.sharding.collectives import all_reduce, reduce_scatter_sum, settle
-from lightning_zero.sharding.layout import Bucket, Layout
+from lightning_zero.sharding.bucket import FlatBucket, GradState
+from lightning_zero.sharding.collectives import Comm
+from lightning_zero.sharding.layout import Layout
 
 ReducePolicy = Literal["boundary", "every_micro_batch"]
 
@@ -33,88 +42,48 @@ __all__ = ["GradientReducer", "ReducePolicy"]
 _MAX_IN_FLIGHT = 2
 
 
-@dataclass(eq=False)
-class _BucketGrads:
-    bucket: Bucket
-    params: list[torch.nn.Parameter]  # in buffer order
-    shard: torch.Tensor  # 1D, shard_numel, accumulate dtype: summed (undivided) gradient of the owned slice
-    full: torch.Tensor | None = None  # 1D, padded_numel, storage dtype; stage 1 only (params' .grad view it)
-    views: list[torch.Tensor] = field(default_factory=list)  # stage 1: each param's grad view into ``full``
-    arrived: list[bool] = field(default_factory=list)
-    missing: int = 0  # parameters of this bucket whose gradient has not arrived in this backward
-    launched: bool = False
-    reduced_in_window: bool = False
-
-
-class _Pending(NamedTuple):
-    work: Work
-    grads: _BucketGrads
-    output: torch.Tensor  # reduce-scatter output; the shard itself when written in place
-    source: torch.Tensor  # kept alive until the work completes
-
-
 class GradientReducer:
-    """Owns the gradient hooks, bucket buffers and reduce-scatters of the trainable buckets."""
+    """Owns the gradient hooks and decides when each trainable bucket reduces."""
 
     def __init__(
         self,
+        buckets: Sequence[FlatBucket],
         layout: Layout,
-        params: Sequence[torch.nn.Parameter],
-        rank: int,
-        group: ProcessGroup | None,
+        comm: Comm,
         stage: int,
         policy: ReducePolicy,
-        on_launch: Callable[[int], None] | None = None,
+        on_launch: Callable[[FlatBucket], None] | None = None,
     ) -> None:
         self.layout = layout
-        self.rank = rank
-        self.group = group
-        self.world_size = layout.world_size
+        self.comm = comm
         self.stage = stage
         self.policy = policy
-        self.buckets: list[_BucketGrads] = []
+        trainable = [b for b in buckets if b.trainable]
+        # The guess before the first step: stage 3's buckets follow forward order, so backward fills them
+        # last to first; size buckets are planned in reverse registration order already.
+        self.order: list[FlatBucket] = trainable if stage < 3 else list(reversed(trainable))
         self.had_grad = [False] * len(layout.params)
+        self.arrival: list[int] = []  # parameter indices, in the order their gradient first came (first window)
+        self.recording = True
+        self.force_late_heads = False  # see [Note: observed order]; on once the order is adopted (stages 2-3)
         self._require_sync = True
-        self._finished = False  # finish() ran: the window's shards are final until zero_grad()
+        self._finished = False  # the step reduced: the window's shards are final until zero_grad()
         self._callback_queued = False
         self._reduced_in_window = False
         self._next_launch = 0
-        self._pending: deque[_Pending] = deque()
-        self._handles: list[RemovableHandle] = []
+        self._complete_waiting = 0  # complete buckets behind an incomplete head
+        self._pending: deque[FlatBucket] = deque()
         self._on_launch = on_launch
-        # Launch order must be the same on every rank: stage 3's buckets follow forward order, so
-        # backward fills them last to first. Its persistent buckets (unit "") go last: they are small, and
-        # holding one whose gradients come late (an embedding) would hold back every launch after it.
-        order = list(layout.buckets) if stage < 3 else sorted(
-            reversed(layout.buckets), key=lambda bucket: bucket.unit == "")
-        for bucket in order:
-            if not bucket.trainable:
-                continue
-            members = [params[i] for i in bucket.params]
-            device = members[0].device
-            slots = bucket.dtypes
-            state = _BucketGrads(bucket, members, shard=torch.empty(0), arrived=[False] * len(members),
-                                 missing=len(members))
-            if stage == 1:
-                state.full = torch.zeros(bucket.padded_numel, dtype=slots.storage, device=device)
-                for index, param in zip(bucket.params, members):
-                    record = layout.params[index]
-                    view = state.full.narrow(0, record.offset, record.numel).view(record.shape)
-                    state.views.append(view)
-                    param.grad = view
-            if self._reduces_in_place(bucket):
-                lo, hi = bucket.shard_range(rank)
-                state.shard = state.full.narrow(0, lo, hi - lo)  # type: ignore[union-attr]
-            else:
-                state.shard = torch.zeros(bucket.shard_numel, dtype=slots.accumulate, device=device)
-            self.buckets.append(state)
-            for position, param in enumerate(members):
-                self._handles.append(param.register_post_accumulate_grad_hook(self._hook(state, position)))
+        self._handles = []
+        for bucket in trainable:
+            bucket.init_grads(stage, self._reduces_in_place(bucket))
+            for position, param in enumerate(bucket.params):
+                self._handles.append(param.register_post_accumulate_grad_hook(self._hook(bucket, position)))
 
     # ------------------------------------------------------------------ policy
-    def _reduces_in_place(self, bucket: Bucket) -> bool:
+    def _reduces_in_place(self, bucket: FlatBucket) -> bool:
         """Stage 1 at the boundary with one dtype throughout reduce-scatters inside its full buffer."""
-        slots = bucket.dtypes
+        slots = bucket.plan.dtypes
         same_dtype = slots.storage == slots.reduce == slots.accumulate
         return self.stage == 1 and self.policy == "boundary" and same_dtype
 
@@ -132,9 +101,23 @@ class GradientReducer:
         """Whether the current backward reduce-scatters."""
         return self._require_sync or self.policy == "every_micro_batch"
 
+    # ------------------------------------------------------------------ order
+    def adopt_order(self, arrival: Sequence[int]) -> None:
+        """Launch buckets in the order their last gradient arrives in ``arrival`` (rank 0's first window);
+        buckets with a parameter that never arrived keep their relative place after the others."""
+        position = {index: at for at, index in enumerate(arrival)}
+        never = len(arrival)
+
+        def completes_at(bucket: FlatBucket) -> int:
+            return max(position.get(index, never) for index in bucket.plan.params)
+
+        self.order.sort(key=completes_at)  # stable: ties keep the guess
+        self.recording = False
+        self.force_late_heads = self.stage >= 2
+
     # ------------------------------------------------------------------ backward
-    def _hook(self, state: _BucketGrads, position: int):  # noqa: ANN202 - a closure for autograd
-        record_index = state.bucket.params[position]
+    def _hook(self, bucket: FlatBucket, position: int):  # noqa: ANN202 - a closure for autograd
+        record_index = bucket.plan.params[position]
 
         def on_grad(param: torch.Tensor) -> None:
             if self._finished:
@@ -143,137 +126,100 @@ class GradientReducer:
                     "were reduced (grad_norm(), clipping or grad_shards() ran before the last micro-batch); "
                     "call them after the window's last backward, e.g. in on_before_optimizer_step"
                 )
+            if self.recording and not self.had_grad[record_index]:
+                self.arrival.append(record_index)
             self.had_grad[record_index] = True
             if self.stage == 1:
-                _adopt_view(param, state.views[position])
+                bucket.adopt_grad(position)
             if not self.reduces_now:
                 return
-            if state.launched:
-                raise RuntimeError(
-                    f"gradient of {self.layout.params[record_index].fqn!r} arrived after its bucket was "
-                    "reduced in this backward; use torch.utils.checkpoint with use_reentrant=False"
-                )
             if not self._callback_queued:
                 self._callback_queued = True
                 torch.autograd.Variable._execution_engine.queue_callback(self._end_of_backward)
-            if not state.arrived[position]:
-                state.arrived[position] = True
-                state.missing -= 1
-            while self._next_launch < len(self.buckets) and self.buckets[self._next_launch].missing == 0:
-                self._launch(self.buckets[self._next_launch])
+            if bucket.grad_state in (GradState.REDUCING, GradState.REDUCED):
+                if self.stage == 1:
+                    raise RuntimeError(
+                        f"gradient of {self.layout.params[record_index].fqn!r} arrived after its bucket was "
+                        "reduced in this backward; use torch.utils.checkpoint with use_reentrant=False"
+                    )
+                bucket.stash_late(position)
+                return
+            if bucket.grad_arrived(position):
+                self._complete_waiting += 1
+            self._launch_ready()
 
         return on_grad
 
-    def _launch(self, state: _BucketGrads) -> None:
-        """Hand ``state``'s bucket to a reduce-scatter; launches happen in bucket order on every rank."""
-        bucket, slots = state.bucket, state.bucket.dtypes
-        if self.stage == 1:
-            assert state.full is not None
-            for param, view in zip(state.params, state.views):
-                if param.grad is None:
-                    view.zero_()
-                else:
-                    _adopt_view(param, view)
-            source = state.full
-            if slots.reduce != slots.storage:
-                source = source.to(slots.reduce)
-        else:
-            source = torch.empty(bucket.padded_numel, dtype=slots.reduce, device=state.shard.device)
-            for index, param in zip(bucket.params, state.params):
-                record = self.layout.params[index]
-                region = source.narrow(0, record.offset, record.numel)
-                if param.grad is None:
-                    region.zero_()
-                else:
-                    region.copy_(param.grad.reshape(-1))
-                    param.grad = None
-            source.narrow(0, bucket.numel, bucket.padded_numel - bucket.numel).zero_()
-        if self._reduces_in_place(bucket):
-            output = state.shard
-        elif not state.reduced_in_window and slots.reduce == slots.accumulate:
-            output = state.shard
-        else:
-            output = torch.empty(bucket.shard_numel, dtype=slots.reduce, device=source.device)
-        state.launched = True
-        self._next_launch += 1
-        if self._on_launch is not None:
-            self._on_launch(bucket.index)
-        self._pending.append(_Pending(reduce_scatter_sum(output, source, self.group), state, output, source))
-        while len(self._pending) > _MAX_IN_FLIGHT:
-            self._complete(self._pending.popleft())
+    def _launch_ready(self) -> None:
+        while self._next_launch < len(self.order):
+            head = self.order[self._next_launch]
+            if head.missing == 0:
+                self._complete_waiting -= 1
+            elif not (self.force_late_heads and self._complete_waiting > 0):
+                return
+            self._launch(head)
 
-    def _complete(self, pending: _Pending) -> None:
-        settle([pending.work])
-        state = pending.grads
-        if pending.output is not state.shard:
-            state.shard.add_(pending.output.to(state.shard.dtype))
-        if state.full is not None:
-            if self._reduces_in_place(state.bucket):
-                # Only the owned slice was reduced; clear the rest so a second backward adds onto zeros.
-                lo, hi = state.bucket.shard_range(self.rank)
-                state.full.narrow(0, 0, lo).zero_()
-                state.full.narrow(0, hi, state.full.numel() - hi).zero_()
-            else:
-                state.full.zero_()
-        state.reduced_in_window = True
+    def _launch(self, bucket: FlatBucket) -> None:
+        """Hand ``bucket`` to a reduce-scatter; launches happen in ``order`` on every rank."""
+        complete = bucket.missing == 0
+        bucket.reduce(self.comm)
+        self._next_launch += 1
+        if complete and self._on_launch is not None:
+            self._on_launch(bucket)  # stage 3: its parameters are not needed in this backward any more
+        self._pending.append(bucket)
+        while len(self._pending) > _MAX_IN_FLIGHT:
+            self._pending.popleft().wait_reduce()
 
     def _end_of_backward(self) -> None:
         """Launch what is left (parameters without gradients count as zeros), then wait for everything."""
         self._callback_queued = False
-        for state in self.buckets[self._next_launch :]:
-            self._launch(state)
-        while self._pending:
-            self._complete(self._pending.popleft())
-        for state in self.buckets:
-            state.launched = False
-            state.arrived = [False] * len(state.params)
-            state.missing = len(state.params)
+        for bucket in self.order[self._next_launch:]:
+            self._launch(bucket)
+        self.wait()
+        for bucket in self.order:
+            bucket.end_backward()
         self._next_launch = 0
+        self._complete_waiting = 0
         self._reduced_in_window = True
+
+    def wait(self) -> None:
+        """Wait for every reduction in flight."""
+        while self._pending:
+            self._pending.popleft().wait_reduce()
 
     # ------------------------------------------------------------------ step
     @property
     def in_flight_bytes(self) -> int:
         """Bytes of transient bucket buffers whose reduction has not finished."""
-        total = 0
-        for pending in self._pending:
-            if pending.source is not pending.grads.full:
-                total += pending.source.numel() * pending.source.element_size()
-            if pending.output is not pending.grads.shard:
-                total += pending.output.numel() * pending.output.element_size()
-        return total
+        return sum(bucket.in_flight_bytes for bucket in self._pending)
 
-    def finish(self, divide_by: float) -> list[bool]:
-        """Wait for the window's reductions, divide the shards by ``divide_by`` and return, for every
-        parameter, whether any rank produced a gradient for it in this window."""
+    def finish(self) -> None:
+        """End the window's reductions (every rank takes part, gradients or not); shards stay undivided."""
         self._finished = True
         if not self._reduced_in_window:
             # No reducing backward ran here (say, no parameter got a gradient on this rank): every rank
             # must still take part in the same reduce-scatters.
             self._end_of_backward()
-        for state in self.buckets:
-            state.shard.div_(divide_by)
-        flags = torch.tensor(self.had_grad, dtype=torch.uint8, device=self._device)
-        if flags.numel():
-            all_reduce(flags, dist.ReduceOp.MAX, self.group)
-        return [bool(v) for v in flags.tolist()]
 
-    @property
-    def _device(self) -> torch.device:
-        return self.buckets[0].shard.device if self.buckets else torch.device("cpu")
+    def late_buckets(self) -> list[bool]:
+        """For each bucket in ``order``, whether this rank holds gradients that came after it launched."""
+        return [bucket.late is not None for bucket in self.order]
+
+    def reduce_late(self, any_rank_late: Sequence[bool]) -> None:
+        """One more reduce-scatter for each bucket (in ``order``) where some rank kept late gradients."""
+        for bucket, late in zip(self.order, any_rank_late):
+            if late:
+                bucket.reduce_late(self.comm)
+
+    def divide(self, divide_by: float) -> None:
+        for bucket in self.order:
+            assert bucket.grad_shard is not None
+            bucket.grad_shard.div_(divide_by)
 
     def zero_grad(self) -> None:
         """Start a new window: zero the shards and full buffers, forget which parameters had gradients."""
-        for state in self.buckets:
-            state.shard.zero_()
-            state.reduced_in_window = False
-            if state.full is not None:
-                state.full.zero_()
-                for param, view in zip(state.params, state.views):
-                    param.grad = view
-            else:
-                for param in state.params:
-                    param.grad = None
+        for bucket in self.order:
+            bucket.zero_grads()
         self.had_grad = [False] * len(self.layout.params)
         self._reduced_in_window = False
         self._finished = False
@@ -283,12 +229,3 @@ class GradientReducer:
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
-
-
-def _adopt_view(param: torch.Tensor, view: torch.Tensor) -> None:
-    """Make ``param.grad`` the bucket view, moving a gradient autograd allocated elsewhere into it."""
-    grad = param.grad
-    if grad is None or grad.data_ptr() == view.data_ptr():
-        return
-    view.copy_(grad)
-    param.grad = view

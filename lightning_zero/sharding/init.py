@@ -22,7 +22,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from lightning_zero.sharding.collectives import all_gather_flat, settle
+from lightning_zero.sharding.collectives import all_gather_into
 
 __all__ = ["PendingChunk", "pending_chunks", "sharded_init"]
 
@@ -104,7 +104,7 @@ def _finish_module(module: nn.Module, state: _State) -> None:
 def _whole(param: nn.Parameter, state: _State) -> torch.Tensor:
     pending = pending_chunks[param]
     gathered = pending.chunk.new_empty(pending.chunk.numel() * state.world)
-    settle([all_gather_flat(gathered, pending.chunk, state.group)])
+    all_gather_into(gathered, pending.chunk, state.group)
     return gathered.narrow(0, 0, pending.numel).view(pending.shape)
 
 

@@ -35,6 +35,8 @@ from typing import Protocol
 
 import torch
 
+from lightning_zero.config import DtypeSlots
+
 __all__ = [
     "BucketKey",
     "Bucket",
@@ -47,33 +49,6 @@ __all__ = [
     "ShardSlice",
     "plan_layout",
 ]
-
-
-@dataclass(frozen=True)
-class DtypeSlots:
-    """The dtypes one bucket uses at each point of its life.
-
-    ``storage``: the parameters the module computes with and their full gradients.
-    ``reduce``: the buffer gradients are reduce-scattered in.
-    ``accumulate``: the sharded gradient summed across micro-batches.
-    ``master``: the slice the optimizer steps; when equal to ``storage`` the owned slice of the flat
-    parameter buffer is the master itself (no copy).
-    """
-
-    storage: torch.dtype
-    reduce: torch.dtype
-    accumulate: torch.dtype
-    master: torch.dtype
-
-    @classmethod
-    def uniform(cls, dtype: torch.dtype) -> DtypeSlots:
-        """Every slot in ``dtype``: the ``32-true`` case."""
-        return cls(dtype, dtype, dtype, dtype)
-
-    @property
-    def separate_master(self) -> bool:
-        """Whether the master slice needs its own buffer."""
-        return self.master != self.storage
 
 
 @dataclass(frozen=True)

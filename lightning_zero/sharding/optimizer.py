@@ -15,8 +15,9 @@ import torch
 from torch import optim
 from torch.optim import optimizer as torch_optimizer
 
-from lightning_zero.sharding.collectives import all_gather_flat, all_gather_objects, settle
-from lightning_zero.sharding.layout import Layout, ShardSlice
+from lightning_zero.sharding.bucket import FlatBucket, OptimizerEntry
+from lightning_zero.sharding.collectives import all_gather_into, all_gather_objects
+from lightning_zero.sharding.layout import Layout
 from lightning_zero.sharding.state import FullSource, StateSource
 
 __all__ = ["ELEMENTWISE_OPTIMIZERS", "ShardedOptimizer", "check_elementwise", "check_host_steppable"]
@@ -101,9 +102,6 @@ def _cpu_has_fused_kernels() -> bool:
     return supported is not None and "cpu" in supported()
 
 
-_Entry = tuple[ShardSlice, torch.Tensor, torch.Tensor]  # (slice, master view, gradient view)
-
-
 class ShardedOptimizer:
     """Steps the user's optimizer on this rank's slices and moves its state to and from full form."""
 
@@ -112,15 +110,14 @@ class ShardedOptimizer:
         optimizer: optim.Optimizer,
         layout: Layout,
         rank: int,
-        masters: Mapping[int, torch.Tensor],
-        grad_shards: Mapping[int, torch.Tensor],
+        buckets: Sequence[FlatBucket],
         fqn_of: Mapping[torch.Tensor, str],
         allow_unknown: bool = False,
         device: torch.device | None = None,
     ) -> None:
-        """``masters`` and ``grad_shards`` (bucket index -> this rank's 1-D slice) are what the optimizer steps
-        and reads; they may live in host memory (offload). ``device`` is where collectives run (the
-        parameters' device; default: the masters')."""
+        """``buckets`` are the trainable buckets: the optimizer steps each one's ``master`` slice and reads its
+        gradient slice (``host_grad`` under offload, else ``grad_shard``); their ``entries`` are set here.
+        ``device`` is where collectives run (the parameters' device; default: the masters')."""
         check_elementwise(optimizer, allow_unknown)
         # State the optimizer already holds (Adagrad makes it at construction; a resumed optimizer has it)
         # is kept: each rank slices out its part below.
@@ -128,27 +125,34 @@ class ShardedOptimizer:
         self.optimizer = optimizer
         self.layout = layout
         self.rank = rank
+        self.buckets = list(buckets)
+        self._by_index = {bucket.index: bucket for bucket in self.buckets}
         if device is None:
-            device = next(iter(masters.values())).device if masters else torch.device("cpu")
+            masters = [b.master for b in self.buckets if b.master is not None]
+            device = masters[0].device if masters else torch.device("cpu")
         self.device = device  # NCCL gathers device tensors only, wherever the state itself lives
         self.param_fqns: list[list[str]] = [[fqn_of[p] for p in g["params"]] for g in optimizer.param_groups]
-        self.entries: dict[int, list[_Entry]] = {}
         for group_index, group in enumerate(optimizer.param_groups):
             views = []
-            for bucket in layout.buckets:
-                if not (bucket.trainable and bucket.key.group == group_index):
+            for bucket in self.buckets:
+                if bucket.plan.key.group != group_index:
                     continue
-                entries = self.entries.setdefault(bucket.index, [])
-                for piece in layout.shard_slices(bucket, rank):
-                    master = masters[bucket.index].narrow(0, piece.shard_offset, piece.numel)
-                    grad = grad_shards[bucket.index].narrow(0, piece.shard_offset, piece.numel)
-                    entries.append((piece, master, grad))
-                    views.append(master)
+                master, grads = bucket.master, bucket.host_grad if bucket.host_grad is not None else bucket.grad_shard
+                assert master is not None and grads is not None
+                bucket.entries = [
+                    OptimizerEntry(piece, master.narrow(0, piece.shard_offset, piece.numel),
+                                   grads.narrow(0, piece.shard_offset, piece.numel))
+                    for piece in layout.shard_slices(bucket.plan, rank)
+                ]
+                views.extend(entry.master for entry in bucket.entries)
             group["params"] = views
         optimizer.state.clear()
         self._restore_slices(FullSource({"optimizer": {"state": existing}}))
         self._stepping = False
         self._guard = optimizer.register_step_pre_hook(self._refuse_direct_step)
+
+    def _entries(self) -> list[OptimizerEntry]:
+        return [entry for bucket in self.buckets for entry in bucket.entries]
 
     def _refuse_direct_step(self, *_: Any) -> None:
         if not self._stepping:
@@ -165,39 +169,36 @@ class ShardedOptimizer:
                 "unfreeze_and_add_param_group does this); ZeRO cannot re-plan mid-fit. Put every parameter in "
                 "the optimizer from the start and unfreeze with requires_grad before setup instead."
             )
-        for entries in self.entries.values():
-            for piece, master, grad in entries:
-                if had_grad[piece.param]:
-                    master.grad = grad if grad.dtype == master.dtype else grad.to(master.dtype)
-                else:
-                    master.grad = None
+        for piece, master, grad in self._entries():
+            if had_grad[piece.param]:
+                master.grad = grad if grad.dtype == master.dtype else grad.to(master.dtype)
+            else:
+                master.grad = None
         self._stepping = True
         try:
             self.optimizer.step()
         finally:
             self._stepping = False
-            for entries in self.entries.values():
-                for _, master, _ in entries:
-                    master.grad = None  # frees fp32 copies made when the gradient shard is 16-bit
+            for _, master, _ in self._entries():
+                master.grad = None  # frees fp32 copies made when the gradient shard is 16-bit
 
     # ------------------------------------------------------------------ full state
     def full_state_dict(self, group: torch.distributed.ProcessGroup | None) -> dict[str, Any]:
         """Every parameter's optimizer state, whole and keyed by FQN, on every rank (a collective)."""
         fqns = [record.fqn for record in self.layout.params]
         schema: dict[int, dict[str, tuple[str, Any]]] = {}
-        for entries in self.entries.values():
-            for piece, master, _ in entries:
-                for key, value in self.optimizer.state.get(master, {}).items():
-                    if torch.is_tensor(value) and value.dim() > 0:
-                        if value.shape != master.shape:
-                            raise ValueError(
-                                f"optimizer state {key!r} of {fqns[piece.param]!r} is not element-wise "
-                                f"(shape {tuple(value.shape)} for a slice of {master.numel()} elements)"
-                            )
-                        schema.setdefault(piece.param, {})[key] = ("tensor", value.dtype)
-                    else:
-                        scalar = value.detach().cpu().clone() if torch.is_tensor(value) else value
-                        schema.setdefault(piece.param, {})[key] = ("scalar", scalar)
+        for piece, master, _ in self._entries():
+            for key, value in self.optimizer.state.get(master, {}).items():
+                if torch.is_tensor(value) and value.dim() > 0:
+                    if value.shape != master.shape:
+                        raise ValueError(
+                            f"optimizer state {key!r} of {fqns[piece.param]!r} is not element-wise "
+                            f"(shape {tuple(value.shape)} for a slice of {master.numel()} elements)"
+                        )
+                    schema.setdefault(piece.param, {})[key] = ("tensor", value.dtype)
+                else:
+                    scalar = value.detach().cpu().clone() if torch.is_tensor(value) else value
+                    schema.setdefault(piece.param, {})[key] = ("scalar", scalar)
         merged: dict[int, dict[str, tuple[str, Any]]] = {}
         for rank_schema in all_gather_objects(schema, group):
             for index, keys in rank_schema.items():
@@ -215,7 +216,8 @@ class ShardedOptimizer:
                  if kind == "tensor"},
                 key=lambda kv: (kv[0], str(kv[1])),
             )
-            entries = self.entries.get(bucket.index, [])
+            owner = self._by_index.get(bucket.index)
+            entries = owner.entries if owner is not None else []
             device = self.device
             for key, dtype in tensor_keys:
                 local = torch.zeros(bucket.shard_numel, dtype=dtype, device=device)
@@ -224,7 +226,7 @@ class ShardedOptimizer:
                     if value is not None:
                         local.narrow(0, piece.shard_offset, piece.numel).copy_(value)
                 full = torch.empty(bucket.padded_numel, dtype=dtype, device=device)
-                settle([all_gather_flat(full, local, group)])
+                all_gather_into(full, local, group)
                 for index in bucket.params:
                     if merged.get(index, {}).get(key, ("",))[0] == "tensor":
                         record = self.layout.params[index]
@@ -267,14 +269,13 @@ class ShardedOptimizer:
 
     def _restore_slices(self, source: StateSource) -> None:
         """Give each of this rank's slices its part of the saved state."""
-        for entries in self.entries.values():
-            for piece, master, _ in entries:
-                values = source.optimizer_state(self.layout.params[piece.param].fqn, piece.start, piece.numel)
-                if values:
-                    self.optimizer.state[master] = {
-                        key: value.to(device=master.device, copy=True) if torch.is_tensor(value) else value
-                        for key, value in values.items()
-                    }
+        for piece, master, _ in self._entries():
+            values = source.optimizer_state(self.layout.params[piece.param].fqn, piece.start, piece.numel)
+            if values:
+                self.optimizer.state[master] = {
+                    key: value.to(device=master.device, copy=True) if torch.is_tensor(value) else value
+                    for key, value in values.items()
+                }
 
     def remove_hooks(self) -> None:
         """Stop refusing direct steps (the engine is being torn down)."""

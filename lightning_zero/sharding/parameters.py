@@ -29,12 +29,13 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 
 import torch
-from torch.distributed import ProcessGroup, Work
+from torch.utils._pytree import tree_leaves
 from torch.utils.hooks import RemovableHandle
 
-from lightning_zero.sharding.collectives import all_gather_flat, settle
+from lightning_zero.sharding.bucket import FlatBucket, ParamState
+from lightning_zero.sharding.collectives import Comm
 from lightning_zero.sharding.init import pending_chunks
-from lightning_zero.sharding.layout import ByModule, Layout
+from lightning_zero.sharding.layout import ByModule
 
 __all__ = ["ParameterSharder", "module_units"]
 
@@ -112,80 +113,62 @@ def _units(module: torch.nn.Module, unit_numel: int, prefix: str) -> list[str]:
 
 
 class ParameterSharder:
-    """Gathers and releases stage 3's buckets around each module's forward and backward."""
+    """Decides when stage 3's buckets gather and release, around each unit's forward and backward."""
 
-    def __init__(
-        self,
-        module: torch.nn.Module,
-        units: Sequence[str],
-        layout: Layout,
-        params: Sequence[torch.nn.Parameter],
-        flat_params: dict[int, torch.Tensor],
-        shards: dict[int, torch.Tensor],
-        rank: int,
-        group: ProcessGroup | None,
-    ) -> None:
-        self.layout = layout
-        self.rank = rank
-        self.group = group
-        self.flat_params = flat_params  # bucket -> full 1D buffer (storage resized to 0 when released)
-        self.params = params
-        self._empty = {index: flat.new_empty(0) for index, flat in flat_params.items()}
-        self.shards = shards  # bucket -> this rank's 1D slice, the persistent copy
-        self.gathered: set[int] = set()
+    def __init__(self, module: torch.nn.Module, units: Sequence[str], buckets: Sequence[FlatBucket],
+                 comm: Comm) -> None:
+        self.buckets = buckets  # indexed by bucket index; every bucket is flat under stage 3
+        self.comm = comm
         self.gather_count = 0
         self.prefetch_count = 0  # gathers started ahead of their unit
         # [Note: prefetch] A unit's forward starts the all-gather of the unit that came next in the
         # previous forward, and a unit's backward that of the unit before it, so communication overlaps
-        # compute. The order is recorded, so it is the same on every rank that runs the same modules.
-        self._inflight: dict[int, Work] = {}
+        # compute. The order is recorded per rank and checked equal across ranks at every step
+        # (``window_units``), so every rank starts the same gathers in the same order.
         self._previous_order: list[tuple[int, ...]] = []
         self._order: list[tuple[int, ...]] = []
         self._last_position: dict[tuple[int, ...], int] = {}
+        #: The units (by position in ``units``) whose forward ran in this optimizer step's window, in order.
+        self.window_units: list[int] = []
+        self.units = tuple(units)
         self.hold_all = False  # inside a no-grad loop: everything stays gathered
         self._callback_queued = False
         self._handles: list[RemovableHandle] = []
-        bucket_of = {id(params[r.index]): r.bucket for r in layout.params}
-        for unit in units:
+        bucket_of = {id(bucket.params[i]): bucket.index for bucket in buckets for i in range(len(bucket.params))}
+        for position, unit in enumerate(units):
             sub = module.get_submodule(unit)
-            self._hook(sub, sorted({bucket_of[id(p)] for _, p in sub.named_parameters(remove_duplicate=False)}))
-        # The buckets of parameters no unit owns (the root's own, and the units left out as persistent) stay
-        # gathered: the root's forward is not always called (a LightningModule's training_step calls its
-        # submodules), so no hook could gather them in time. Their shards are views of the full buffer.
-        self.persistent = {bucket.index for bucket in layout.buckets if not bucket.unit and bucket.index in flat_params}
-        for bucket in flat_params:
-            self.release([bucket])
-        self.gather(self.persistent)
+            needed = sorted({bucket_of[id(p)] for _, p in sub.named_parameters(remove_duplicate=False)})
+            self._hook(sub, position, needed)
+        for bucket in buckets:
+            bucket.reshard()
+        self.refresh_persistent()
 
-    def _hook(self, module: torch.nn.Module, needed: list[int]) -> None:
-        self._handles.append(module.register_forward_pre_hook(self._pre_forward(needed)))
+    @property
+    def persistent(self) -> set[int]:
+        """Buckets that stay gathered: the parameters no unit owns (see [Note: persistent parameters])."""
+        return {bucket.index for bucket in self.buckets if bucket.persistent}
+
+    @property
+    def gathered(self) -> set[int]:
+        """Buckets whose full buffer exists (gathered or on its way), persistent ones included."""
+        return {b.index for b in self.buckets if b.param_state is not ParamState.SHARDED}
+
+    def _hook(self, module: torch.nn.Module, position: int, needed: list[int]) -> None:
+        self._handles.append(module.register_forward_pre_hook(self._pre_forward(position, needed)))
         self._handles.append(module.register_forward_hook(self._post_forward(needed)))
 
     # ------------------------------------------------------------------ gather / release
     def _start(self, buckets: Iterable[int]) -> None:
         for index in buckets:
-            if index in self.gathered or index in self._inflight:
-                continue
-            flat = self.flat_params[index]
-            flat.untyped_storage().resize_(flat.numel() * flat.element_size())
-            self._inflight[index] = all_gather_flat(flat, self.shards[index], self.group)
-            self.gather_count += 1
-
-    def _finish(self, buckets: Iterable[int]) -> None:
-        ready = [index for index in buckets if index in self._inflight]
-        settle([self._inflight.pop(index) for index in ready])
-        for index in ready:
-            for param_index in self.layout.buckets[index].params:
-                record = self.layout.params[param_index]
-                flat = self.flat_params[index]
-                self.params[param_index].data = flat.narrow(0, record.offset, record.numel).view(record.shape)
-            self.gathered.add(index)
+            if self.buckets[index].unshard(self.comm):
+                self.gather_count += 1
 
     def gather(self, buckets: Iterable[int]) -> None:
         """Make ``buckets`` whole on this rank (a collective over the missing ones)."""
         buckets = list(buckets)
         self._start(buckets)
-        self._finish(buckets)
+        for index in buckets:
+            self.buckets[index].wait_unshard()
 
     def prefetch(self, buckets: Iterable[int]) -> None:
         """Start gathering ``buckets`` without waiting (see [Note: prefetch])."""
@@ -197,54 +180,51 @@ class ParameterSharder:
         """Drop the full copies of ``buckets``; only this rank's slices stay."""
         if self.hold_all:
             return
-        buckets = [index for index in buckets if index not in self.persistent]
-        self._finish(buckets)  # a prefetch still in flight must land before its buffer shrinks
         for index in buckets:
-            for param_index in self.layout.buckets[index].params:
-                self.params[param_index].data = self._empty[index]
-            self.flat_params[index].untyped_storage().resize_(0)
-            self.gathered.discard(index)
+            self.buckets[index].reshard()
+
+    def release_bucket(self, bucket: FlatBucket) -> None:
+        """Release one bucket (its gradients have just been handed to the reduce-scatter)."""
+        if not self.hold_all:
+            bucket.reshard()
 
     def after_step(self) -> None:
         """The slices changed: full copies still held (a forward whose backward never ran, a no-grad loop's)
         are stale. Drop them, or gather them again inside a no-grad loop, and refresh the persistent ones."""
-        stale = sorted(index for index in {*self.gathered, *self._inflight} if index not in self.persistent)
-        held, self.hold_all = self.hold_all, False
-        self.release(stale)
-        self.hold_all = held
+        stale = sorted(self.gathered - self.persistent)
+        for index in stale:
+            self.buckets[index].reshard()
         self.refresh_persistent()
-        if held:
+        if self.hold_all:
             self.gather(stale)
 
     def refresh_persistent(self, buckets: Iterable[int] | None = None) -> None:
         """Re-gather the always-gathered ``buckets`` (default: all) after their slices changed (a step, a
         load)."""
         chosen = sorted(self.persistent if buckets is None else buckets)
-        settle([all_gather_flat(self.flat_params[i], self.shards[i], self.group) for i in chosen])
-
-    def release_one(self, bucket: int) -> None:
-        """Release one bucket (its gradients have just been handed to the reduce-scatter)."""
-        self.release([bucket])
+        for handle in [self.buckets[i].refresh(self.comm) for i in chosen]:
+            handle.wait()
 
     def gather_all(self) -> None:
         """Whole model on every rank until ``release_all`` (no-grad loops: one gather for the loop, so
         ranks that run different numbers of forward calls never wait on each other)."""
-        self.gather(self.flat_params)
+        self.gather(range(len(self.buckets)))
         self.hold_all = True
 
     def release_all(self) -> None:
         """Back to slices only."""
         self.hold_all = False
-        self.release([*self.gathered, *self._inflight])
+        self.release(range(len(self.buckets)))
 
     # ------------------------------------------------------------------ hooks
-    def _pre_forward(self, needed: list[int]):  # noqa: ANN202 - closures for nn.Module hooks
+    def _pre_forward(self, position: int, needed: list[int]):  # noqa: ANN202 - closures for nn.Module hooks
         key = tuple(needed)
 
         def hook(module: torch.nn.Module, args: object) -> None:
             self.gather(needed)
             if self.hold_all:
                 return
+            self.window_units.append(position)
             self._last_position[key] = len(self._order)
             self._order.append(key)
             if len(self._order) < len(self._previous_order):
@@ -256,8 +236,8 @@ class ParameterSharder:
         def hook(module: torch.nn.Module, args: object, output: object) -> None:
             backward_follows = False
             if torch.is_grad_enabled():
-                for tensor in _tensors(output):
-                    if tensor.requires_grad:
+                for tensor in tree_leaves(output):
+                    if isinstance(tensor, torch.Tensor) and tensor.requires_grad:
                         tensor.register_hook(self._pre_backward(needed))
                         backward_follows = True
             # [Note: keep the last unit] The unit that ended the previous forward is the first that backward
@@ -283,7 +263,7 @@ class ParameterSharder:
 
     def _end_of_backward(self) -> None:
         self._callback_queued = False
-        self.release([*self.gathered, *self._inflight])
+        self.release(range(len(self.buckets)))
         self._previous_order, self._order = self._order, []
         self._last_position.clear()
 
@@ -292,13 +272,3 @@ class ParameterSharder:
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
-
-
-def _tensors(output: object) -> list[torch.Tensor]:
-    if isinstance(output, torch.Tensor):
-        return [output]
-    if isinstance(output, (list, tuple)):
-        return [t for item in output for t in _tensors(item)]
-    if isinstance(output, dict):
-        return [t for item in output.values() for t in _tensors(item)]
-    return []

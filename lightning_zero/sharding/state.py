@@ -17,12 +17,9 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import Any, Protocol
 
 import torch
-
-if TYPE_CHECKING:
-    from lightning_zero.sharding.engine import ZeroEngine
 
 __all__ = [
     "FORMAT",
@@ -31,7 +28,6 @@ __all__ = [
     "PieceSource",
     "StateSource",
     "consolidate",
-    "local_state_dict",
     "to_full_state_dict",
 ]
 
@@ -133,53 +129,9 @@ class PieceSource:
         return state
 
 
-def local_state_dict(engine: ZeroEngine, optimizer: bool = True) -> dict[str, Any]:
-    """This rank's part of the state, on CPU, with no collective: every slice of a flattened parameter it
-    owns (at master precision), with that slice's optimizer state unless ``optimizer`` is False, and, on
-    the group's first rank, the parameters that are not sharded."""
-    pieces = []
-    sharded = engine.optimizer
-    masters = {(bucket, piece.param): master for bucket, entries in sharded.entries.items()
-               for piece, master, _ in entries}
-    for bucket in engine.layout.buckets:
-        if not engine._is_flat(bucket):
-            continue
-        source = engine.masters.get(bucket.index)
-        if source is None:
-            source = engine.param_shards[bucket.index]
-        for piece in engine.layout.shard_slices(bucket, engine.rank):
-            master = masters.get((bucket.index, piece.param))
-            state = sharded.optimizer.state.get(master, {}) if optimizer and master is not None else {}
-            pieces.append({
-                "fqn": engine.layout.params[piece.param].fqn,
-                "start": piece.start,
-                "numel": piece.numel,
-                "param": source.narrow(0, piece.shard_offset, piece.numel).to("cpu", copy=True),
-                "optimizer": {key: value.to("cpu", copy=True) if torch.is_tensor(value) else value
-                              for key, value in state.items()},
-            })
-    whole = {}
-    if engine.rank == 0:
-        for bucket in engine.layout.buckets:
-            if not engine._is_flat(bucket):
-                for index in bucket.params:
-                    whole[engine.layout.params[index].fqn] = engine.params[index].detach().to("cpu", copy=True)
-    return {
-        "format": FORMAT,
-        "rank": engine.rank,
-        "world_size": engine.world_size,
-        "stage": engine.config.stage,
-        "shapes": {r.fqn: tuple(r.shape) for r in engine.layout.params},
-        "aliases": {r.fqn: list(r.aliases) for r in engine.layout.params if r.aliases},
-        "pieces": pieces,
-        "whole": whole,
-        "param_groups": sharded.param_groups() if optimizer else None,
-    }
-
-
 def pieces_of(state: Mapping[str, Any], read: Callable[[str, int | str], Mapping[str, Any]] | None = None,
               ) -> dict[str, list[Piece]]:
-    """The ``Piece``s one ``local_state_dict()`` holds, keyed by FQN. ``read(fqn, position)`` fetches a
+    """The ``Piece``s one ``ZeroEngine.local_state_dict()`` holds, keyed by FQN. ``read(fqn, position)`` fetches a
     piece lazily (position: index in ``pieces``, or "whole"); by default from ``state`` itself."""
     def reader(fqn: str, position: int | str) -> Callable[[], Mapping[str, Any]]:
         if read is not None:
@@ -220,7 +172,7 @@ def to_full_state_dict(source: StateSource, aliases: Mapping[str, Sequence[str]]
 
 def consolidate(states: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
     """One whole state dict (the ``ZeroEngine.full_state_dict()`` format) from every rank's
-    ``local_state_dict()``, in one process, without ``torch.distributed``."""
+    ``ZeroEngine.local_state_dict()``, in one process, without ``torch.distributed``."""
     if not states or any(s.get("format") != FORMAT for s in states):
         raise ValueError(f"expected a list of {FORMAT} dicts, one per rank")
     world = states[0]["world_size"]
