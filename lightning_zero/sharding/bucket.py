@@ -125,10 +125,6 @@ class FlatBucket:
         for record, param in zip(self._records, self.params):
             param.data = self.flat.narrow(0, record.offset, record.numel).view(record.shape)
 
-    def param_views(self) -> list[tuple[int, torch.Tensor]]:
-        """(parameter index, view of the full buffer) for each parameter: whole values while GATHERED."""
-        return [(r.index, self.flat.narrow(0, r.offset, r.numel).view(r.shape)) for r in self._records]
-
     # ------------------------------------------------------------------ parameters (stage 3)
     def unshard(self, comm: Comm) -> bool:
         """Start gathering the full buffer; False if it is already gathered or on its way."""

@@ -176,11 +176,6 @@ class Comm:
             module = torch.get_device_module(device)
             self._streams = {kind: module.Stream(device=device) for kind in ("reduce_scatter", "all_gather")}
 
-    @property
-    def uses_streams(self) -> bool:
-        """Whether collectives run on dedicated streams (an accelerator) rather than the host's wait."""
-        return bool(self._streams)
-
     def _on_stream(self, kind: str, launch: Any, keep: tuple[torch.Tensor, ...]) -> Handle:
         """Run ``launch(async_op)`` on ``kind``'s stream after the compute stream's work so far."""
         stream = self._streams.get(kind)

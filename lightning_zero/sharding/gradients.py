@@ -60,8 +60,10 @@ class GradientReducer:
         self.policy = policy
         trainable = [b for b in buckets if b.trainable]
         # The guess before the first step: stage 3's buckets follow forward order, so backward fills them
-        # last to first; size buckets are planned in reverse registration order already.
-        self.order: list[FlatBucket] = trainable if stage < 3 else list(reversed(trainable))
+        # last to first, and its persistent bucket goes last (its embedding's gradient tends to come last);
+        # size buckets are planned in reverse registration order already.
+        self.order: list[FlatBucket] = trainable if stage < 3 else sorted(
+            reversed(trainable), key=lambda bucket: bucket.persistent)
         self.had_grad = [False] * len(layout.params)
         self.arrival: list[int] = []  # parameter indices, in the order their gradient first came (first window)
         self.recording = True
