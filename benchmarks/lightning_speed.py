@@ -82,6 +82,8 @@ SYSTEMS: dict[str, str] = {
     "fsdp1_shard_grad_op_flat": "FSDPStrategy SHARD_GRAD_OP, use_orig_params=False",
     "fsdp2_no_reshard": "ModelParallelStrategy FSDP2 (no reshard after forward)",
     "deepspeed1": "DeepSpeedStrategy stage 1", "deepspeed2": "DeepSpeedStrategy stage 2",
+    # Opt-in: zero2 with 2**20-element buckets (several reductions overlapping backward at 5M).
+    "zero2_bucket_1m": "zero2, bucket_numel=2**20",
 }
 DEFAULT_SYSTEMS = ("ddp", "zero1", "zero2", "zero3", "fsdp1_full_shard", "fsdp1_shard_grad_op", "fsdp2",
                    "deepspeed3")
@@ -158,8 +160,10 @@ def build_strategy(system: str) -> Any:
     if system == "ddp":
         return "ddp"
     if system.startswith("zero"):
-        import lightning_zero  # noqa: F401  (registers "zero1", "zero2", "zero3")
+        import lightning_zero  # registers "zero1", "zero2", "zero3"
 
+        if system == "zero2_bucket_1m":
+            return lightning_zero.ZeroStrategy(stage=2, bucket_numel=2**20)
         return system
     if system.startswith("fsdp1"):
         from gpt import Block
