@@ -10,7 +10,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Generator, Mapping
+from collections.abc import Callable, Generator, Mapping
 from datetime import timedelta
 from typing import Any, Literal
 
@@ -38,7 +38,7 @@ from lightning_zero.checkpoint import (
 )
 from lightning_zero.config import ReducePolicyName, ZeroConfig
 from lightning_zero.precision import ZeroPrecision
-from lightning_zero.sharding.collectives import wait_all
+from lightning_zero.sharding.collectives import broadcast_coalesced, wait_all
 from lightning_zero.sharding.engine import ZeroEngine
 from lightning_zero.sharding.init import sharded_init
 from lightning_zero.sharding.state import FullSource, StateSource, to_full_state_dict
@@ -79,6 +79,9 @@ class ZeroStrategy(DDPStrategy):
         persist_numel: stage 3 only: the smallest units, up to this many elements in all, stay gathered
             instead of being gathered at each use (default ``None``: the smaller of 2**17 and 1/64 of the
             model; 0: none).
+        broadcast_buffers: as ``DDPStrategy(broadcast_buffers=...)``: every rank takes rank 0's buffers (BatchNorm
+            running statistics) before a forward that follows a training forward, as DDP does, so ranks train and
+            evaluate with the same ones (default True).
         offload: "optimizer" keeps each rank's master slices and optimizer state in CPU memory and steps the
             optimizer there (ZeRO-Offload); "none" (default) keeps everything on the device.
         timeout: how long collectives wait before failing, as for ``DDPStrategy``; it also bounds how long
@@ -107,6 +110,7 @@ class ZeroStrategy(DDPStrategy):
         unit_numel: int | None = None,
         persist_numel: int | None = None,
         offload: Literal["none", "optimizer"] = "none",
+        broadcast_buffers: bool = True,
         accelerator: pl.accelerators.Accelerator | None = None,
         parallel_devices: list[torch.device] | None = None,
         cluster_environment: ClusterEnvironment | None = None,
@@ -148,6 +152,11 @@ class ZeroStrategy(DDPStrategy):
         if nonfinite not in ("raise", "skip"):
             raise ValueError(f"nonfinite must be 'raise' or 'skip', got {nonfinite!r}")
         self.nonfinite = nonfinite
+        if not isinstance(broadcast_buffers, bool):
+            raise TypeError(f"broadcast_buffers must be True or False, got {broadcast_buffers!r}")
+        self.broadcast_buffers = broadcast_buffers
+        self._buffers_due = True  # see [Note: buffers as under ddp]
+        self._blocking_sync = False
         self.engines: list[ZeroEngine] = []
         self._checkpoint_group: ProcessGroup | None = None
 
@@ -188,9 +197,18 @@ class ZeroStrategy(DDPStrategy):
         assert self.accelerator is not None and self.model is not None
         self.accelerator.setup(trainer)
         self._release_engines()
+        self._buffers_due = True  # as a fresh DDP wrapper: the first forward takes rank 0's buffers
         precision = self.precision_plugin
         precision.device_type = self.root_device.type
         precision.nonfinite = self.nonfinite
+        if trainer.state.fn == TrainerFn.FITTING and self._layer_sync:
+            if self.root_device.type not in ("cuda", "xpu"):
+                raise ValueError(
+                    f"Trainer(sync_batchnorm=True) converts BatchNorm layers to torch's SyncBatchNorm, which runs only "
+                    f"on CUDA or XPU devices, not {self.root_device.type}: drop sync_batchnorm=True here (buffers are "
+                    "still broadcast from rank 0 before each training step)"
+                )
+            self.model = self._layer_sync.apply(self.model)
         self.model = precision.convert_module(self.model)
         self.model_to_device()
         if trainer.state.fn == TrainerFn.FITTING:
@@ -262,7 +280,42 @@ class ZeroStrategy(DDPStrategy):
         with contextlib.ExitStack() as stack:
             for engine in self.engines:
                 stack.enter_context(engine.no_sync())
-            yield
+            self._blocking_sync = True
+            try:
+                yield
+            finally:
+                self._blocking_sync = False
+
+    # [Note: buffers as under ddp] DDP broadcasts rank 0's buffers at the start of a forward when the forward
+    # before it ran with gradients and with gradient sync (its ``require_forward_param_sync``): so before the
+    # first validation forward after training, and before a training forward that follows one, but not
+    # before the training forward after validation, nor after a micro-batch inside ``no_sync``. Matching
+    # that rule is what makes BatchNorm statistics, and validation metrics, equal ``ddp``'s.
+    def _through_buffers(self, step: Callable[..., Any], training: bool, *args: Any, **kwargs: Any) -> Any:
+        module = self.lightning_module
+        if self._buffers_due and self.broadcast_buffers and self.world_size > 1 and module is not None:
+            buffers = list(module.buffers())
+            if buffers:
+                broadcast_coalesced(buffers, None)
+        output = step(*args, **kwargs)
+        self._buffers_due = training and torch.is_grad_enabled() and not self._blocking_sync
+        return output
+
+    @override
+    def training_step(self, *args: Any, **kwargs: Any) -> Any:
+        return self._through_buffers(super().training_step, True, *args, **kwargs)
+
+    @override
+    def validation_step(self, *args: Any, **kwargs: Any) -> Any:
+        return self._through_buffers(super().validation_step, False, *args, **kwargs)
+
+    @override
+    def test_step(self, *args: Any, **kwargs: Any) -> Any:
+        return self._through_buffers(super().test_step, False, *args, **kwargs)
+
+    @override
+    def predict_step(self, *args: Any, **kwargs: Any) -> Any:
+        return self._through_buffers(super().predict_step, False, *args, **kwargs)
 
     def gathered_parameters(
         self, params: Any = None, modifier_rank: int | None = None
@@ -492,7 +545,7 @@ class ZeroStrategy(DDPStrategy):
         for engine in self.engines:
             if finished:
                 engine.materialize_module()
-            engine.close()
+            engine.close(release_group=finished)
         if finished and torch.distributed.is_available() and torch.distributed.is_initialized():
             # The last collective's handle stays with Python (see [Note: keep finished work handles]).
             wait_all([torch.distributed.barrier(async_op=True)])

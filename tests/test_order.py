@@ -191,3 +191,52 @@ def reentrant_checkpointing(stage: int) -> float:
 @pytest.mark.parametrize("stage", [1, 2, 3])
 def test_reentrant_checkpointing_is_exact(pools, stage: int) -> None:
     assert max(pools(2).run(reentrant_checkpointing, stage)) <= TOLERANCE
+
+
+class Gated(nn.Module):
+    """A unit with a parameter (``gate``) that gets no gradient where ``use_gate`` is False."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.linear = nn.Linear(8, 8)
+        self.gate = nn.Parameter(torch.ones(8))
+
+    def forward(self, x: torch.Tensor, use_gate: bool) -> torch.Tensor:
+        y = self.linear(x)
+        return y * self.gate if use_gate else y
+
+
+class Units(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b, self.mid, self.c = nn.Linear(8, 8), nn.Linear(8, 8), Gated(), nn.Linear(8, 1)
+
+    def forward(self, x: torch.Tensor, use_gate: bool) -> torch.Tensor:
+        return self.c(torch.tanh(self.mid(torch.tanh(self.b(torch.tanh(self.a(x)))), use_gate)))
+
+
+def gate_on_one_rank() -> float:
+    """Stage 3, a unit's parameter used on rank 1 only after the first step (an MoE expert that gets no tokens
+    on rank 0): its bucket completes at another point of backward on each rank than the gathers around it."""
+    torch.manual_seed(0)
+    model = Units()
+    reference = copy.deepcopy(model)
+    ddp = DistributedDataParallel(reference, find_unused_parameters=True)
+    ref_opt = torch.optim.SGD(reference.parameters(), lr=0.1, momentum=0.9)
+    engine = ZeroEngine(model, torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9),
+                        ZeroConfig(stage=3, persist_numel=0, unit_numel=0))
+    for step in range(4):
+        use_gate = step == 0 or dist.get_rank() == 1
+        x = torch.randn(4, 8, generator=torch.Generator().manual_seed(10 * step + dist.get_rank()))
+        ddp(x, use_gate).pow(2).mean().backward()
+        ref_opt.step()
+        ref_opt.zero_grad(set_to_none=True)
+        model(x, use_gate).pow(2).mean().backward()
+        engine.step()
+    engine.materialize_module()
+    engine.close()
+    return max(relative_errors(model, reference).values())
+
+
+def test_stage3_parameter_without_gradient_on_one_rank(pools) -> None:
+    assert max(pools(2).run(gate_on_one_rank)) <= TOLERANCE

@@ -37,6 +37,7 @@ __all__ = [
     "all_gather_into",
     "all_gather_objects",
     "all_reduce",
+    "broadcast_coalesced",
     "broadcast_from_first",
     "exchange_flags",
     "traffic",
@@ -132,12 +133,12 @@ class Handle:
     an event, the host does not block; CPU: the host waits) and drops the buffers it kept alive."""
 
     def __init__(self, work: Work | _AllOf | _SliceOfAllReduce | None, event: Any = None, module: Any = None,
-                 keep: tuple[torch.Tensor, ...] = ()) -> None:
-        self.work, self.event, self.module, self.keep = work, event, module, keep
+                 keep: tuple[torch.Tensor, ...] = (), device: torch.device | None = None) -> None:
+        self.work, self.event, self.module, self.keep, self.device = work, event, module, keep, device
 
     def wait(self) -> None:
         if self.event is not None:
-            self.module.current_stream().wait_event(self.event)
+            self.module.current_stream(self.device).wait_event(self.event)
             self.event = None
         elif self.work is not None:
             wait_all([self.work])
@@ -163,10 +164,17 @@ class Comm:
     stream waited E2, so any later use of its memory is ordered after the collective.
     """
 
-    def __init__(self, group: ProcessGroup | None, device: torch.device, path: CommPath = "auto") -> None:
+    def __init__(self, group: ProcessGroup | None, device: torch.device, path: CommPath = "auto",
+                 separate_reductions: bool = False) -> None:
         if path not in ("auto", "native"):
             raise ValueError(f"comm path must be 'auto' or 'native', got {path!r}")
         self.group = group
+        # [Note: reductions on their own group] Stage 3 interleaves gathers (at unit boundaries, the same
+        # on every rank) with reductions (when a bucket's gradients are complete on this rank: a parameter
+        # without a gradient on one rank moves its bucket's launch past a gather there). Collectives pair up
+        # by order within a group, so reductions get a group of their own, over the same ranks: each kind
+        # then only needs its own order, which is the same on every rank.
+        self.reduce_group = _same_ranks(group) if separate_reductions else group
         self.rank = dist.get_rank(group)
         self.world_size = dist.get_world_size(group)
         self.device = device
@@ -176,17 +184,23 @@ class Comm:
             module = torch.get_device_module(device)
             self._streams = {kind: module.Stream(device=device) for kind in ("reduce_scatter", "all_gather")}
 
+    def close(self) -> None:
+        """Destroy the reductions' own group, if one was made."""
+        if self.reduce_group is not self.group:
+            dist.destroy_process_group(self.reduce_group)
+            self.reduce_group = self.group
+
     def _on_stream(self, kind: str, launch: Any, keep: tuple[torch.Tensor, ...]) -> Handle:
         """Run ``launch(async_op)`` on ``kind``'s stream after the compute stream's work so far."""
         stream = self._streams.get(kind)
         if stream is None:
             return Handle(launch(True), keep=keep)
         module = torch.get_device_module(self.device)
-        stream.wait_stream(module.current_stream())
+        stream.wait_stream(module.current_stream(self.device))
         with module.stream(stream):
             launch(False)  # enqueued on ``stream``; the host does not wait
             event = stream.record_event()
-        return Handle(None, event, module, keep)
+        return Handle(None, event, module, keep, self.device)
 
     def reduce_scatter(self, output: torch.Tensor, flat: torch.Tensor) -> Handle:
         """Start summing ``flat`` across ranks into this rank's ``output`` slice.
@@ -198,11 +212,11 @@ class Comm:
         """
         _count("reduce_scatter", flat)
         if not self.native:
-            work = _all_reduce_for_reduce_scatter(flat, op=dist.ReduceOp.SUM, group=self.group, async_op=True)
+            work = _all_reduce_for_reduce_scatter(flat, op=dist.ReduceOp.SUM, group=self.reduce_group, async_op=True)
             return Handle(_SliceOfAllReduce(work, output, flat, self.rank))
         # NCCL reduces in place when ``output`` is this rank's slice of ``flat`` (its documented in-place case).
         def launch(async_op: bool) -> Work | None:
-            return _reduce_scatter(output, flat, op=dist.ReduceOp.SUM, group=self.group, async_op=async_op)
+            return _reduce_scatter(output, flat, op=dist.ReduceOp.SUM, group=self.reduce_group, async_op=async_op)
 
         return self._on_stream("reduce_scatter", launch, (output, flat))
 
@@ -232,6 +246,36 @@ def broadcast_from_first(tensors: list[torch.Tensor], group: ProcessGroup | None
     for tensor in tensors:
         _count("broadcast", tensor)
     wait_all([dist.broadcast(t, src=src, group=group, async_op=True) for t in tensors])
+
+
+def _same_ranks(group: ProcessGroup | None) -> ProcessGroup:
+    """A new group over ``group``'s ranks, on its backend and with its timeout (a collective: every rank)."""
+    ranks = dist.get_process_group_ranks(group) if group is not None else list(range(dist.get_world_size()))
+    backend = dist.get_backend(group)
+    try:  # the timeout ZeroStrategy(timeout=...) gave the default group; private, hence the fallback
+        device = torch.device("cuda") if backend == "nccl" else torch.device("cpu")
+        timeout = (group or dist.group.WORLD)._get_backend(device).options._timeout  # type: ignore[union-attr]
+    except (AttributeError, RuntimeError):
+        timeout = None
+    return dist.new_group(ranks=ranks, backend=backend, timeout=timeout)
+
+
+def broadcast_coalesced(tensors: list[torch.Tensor], group: ProcessGroup | None) -> None:
+    """Overwrite ``tensors`` with the group's first rank's values: one broadcast per (dtype, device), for many
+    small tensors (buffers) at once."""
+    src = dist.get_global_rank(group, 0) if group is not None else 0
+    kinds: dict[tuple[torch.dtype, torch.device], list[torch.Tensor]] = {}
+    for tensor in tensors:
+        kinds.setdefault((tensor.dtype, tensor.device), []).append(tensor)
+    flats = [torch.cat([t.reshape(-1) for t in same]) for same in kinds.values()]
+    for flat in flats:
+        _count("broadcast", flat)
+    wait_all([dist.broadcast(flat, src=src, group=group, async_op=True) for flat in flats])
+    for same, flat in zip(kinds.values(), flats):
+        offset = 0
+        for tensor in same:
+            tensor.copy_(flat.narrow(0, offset, tensor.numel()).view_as(tensor))
+            offset += tensor.numel()
 
 
 def all_reduce(tensor: torch.Tensor, op: dist.ReduceOp, group: ProcessGroup | None) -> None:

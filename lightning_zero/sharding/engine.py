@@ -128,7 +128,8 @@ class ZeroEngine:
                                           shapes={p: c.shape for p, c in chunks.items()})
         self._check_ranks_agree()
         self.params: list[torch.nn.Parameter] = [param for _, param in named]
-        self.comm = Comm(process_group, self.device, self.config.comm)
+        self.comm = Comm(process_group, self.device, self.config.comm,
+                         separate_reductions=self.config.stage == 3 and self.world_size > 1)
         stage3 = self.config.stage == 3
         #: One object per bucket of the layout, in layout order: its buffers and states.
         self.buckets: list[FlatBucket] = [
@@ -282,13 +283,14 @@ class ZeroEngine:
             return
         self._check_trainability_unchanged()
         self.reducer.finish()
-        self._flags = flags = self._exchange_flags()
+        flags = self._exchange_flags()
         if flags.order_hashes.count(flags.order_hashes[0]) != len(flags.order_hashes):
             self._raise_unit_order_divergence()
         self.reducer.reduce_late(flags.late)
         if self.reducer.recording:
             self.reducer.adopt_order(all_gather_objects(self.reducer.arrival, self.group)[0])
         self.reducer.divide(self.world_size * self.loss_scale)
+        self._flags = flags  # last: a step that raised above is not taken as reduced by a retry
 
     def _exchange_flags(self) -> _StepFlags:
         reducer = self.reducer
@@ -655,12 +657,16 @@ class ZeroEngine:
                 record = self.layout.params[index]
                 param.data = full.narrow(0, record.offset, record.numel).view(record.shape)
 
-    def close(self) -> None:
-        """Remove every hook this engine installed; the module keeps its (flat-buffer) parameters."""
+    def close(self, release_group: bool = True) -> None:
+        """Remove every hook this engine installed; the module keeps its (flat-buffer) parameters.
+        ``release_group=False`` leaves stage 3's reduction group alone (after a failure, when a peer that is gone
+        could make destroying it wait)."""
         self.reducer.remove_hooks()
         self.optimizer.remove_hooks()
         if self.sharder is not None:
             self.sharder.remove_hooks()
+        if release_group:
+            self.comm.close()
 
 
 @dataclass(frozen=True)
