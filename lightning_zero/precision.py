@@ -137,8 +137,9 @@ class ZeroPrecision(Precision):
     @override
     def pre_backward(self, tensor: Tensor, module: pl.LightningModule) -> Tensor:  # type: ignore[override]
         super().pre_backward(tensor, module)
-        for engine in self._engines.values():  # read in the step's one flag exchange: no sync here
-            engine.loss_nonfinite = ~torch.isfinite(tensor.detach()).all() | engine.loss_nonfinite
+        nonfinite = ~torch.isfinite(tensor.detach()).all()  # read in the step's one flag exchange: no sync here
+        for engine in self._engines.values():
+            engine.loss_nonfinite = nonfinite | engine.loss_nonfinite
         if self.scaler is None:
             return tensor
         for engine in self._engines.values():

@@ -205,8 +205,8 @@ class ZeroStrategy(DDPStrategy):
             if self.root_device.type not in ("cuda", "xpu"):
                 raise ValueError(
                     f"Trainer(sync_batchnorm=True) converts BatchNorm layers to torch's SyncBatchNorm, which runs only "
-                    f"on CUDA or XPU devices, not {self.root_device.type}: drop sync_batchnorm=True here (buffers are "
-                    "still broadcast from rank 0 before each training step)"
+                    f"on CUDA or XPU devices, not {self.root_device.type}: drop sync_batchnorm=True here (rank 0's "
+                    "buffers are still broadcast as under ddp: broadcast_buffers=True)"
                 )
             self.model = self._layer_sync.apply(self.model)
         self.model = precision.convert_module(self.model)

@@ -171,10 +171,6 @@ class ZeroEngine:
         self.loss_scale = 1.0
 
     @property
-    def stage(self) -> int:
-        return self.config.stage
-
-    @property
     def trainable_buckets(self) -> list[FlatBucket]:
         """The buckets ZeRO reduces and steps, in layout order."""
         return [bucket for bucket in self.buckets if bucket.trainable]
