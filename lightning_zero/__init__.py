@@ -1,7 +1,8 @@
 """lightning-zero: ZeRO for PyTorch Lightning on plain torch.distributed.
 
 Importing the package registers the strategy names ("zero1", "zero2", "zero3", "zero2_spawn", "zero2_offload", ...) with
-Lightning's ``StrategyRegistry``, so ``Trainer(strategy="zero2")`` works after ``import lightning_zero``.
+Lightning's ``StrategyRegistry``, so ``Trainer(strategy="zero2")`` works after ``import lightning_zero``, and
+lets Lightning's checkpoint loaders (``LitModel.load_from_checkpoint``, plain ``ddp``) read sharded checkpoints.
 """
 
 from lightning.pytorch.strategies import StrategyRegistry
@@ -10,6 +11,7 @@ from lightning_zero.checkpoint import (
     CheckpointError,
     ShardedCheckpoint,
     consolidate_checkpoint,
+    install_loaders,
     is_sharded_checkpoint,
 )
 from lightning_zero.config import PrecisionPolicy, ZeroConfig
@@ -24,6 +26,7 @@ __version__ = "0.1.0"
 
 if "zero2" not in StrategyRegistry:
     ZeroStrategy.register_strategies(StrategyRegistry)
+install_loaders()  # LitModel.load_from_checkpoint(sharded_dir) and plain ddp read sharded checkpoints
 
 __all__ = [
     "ByModule",

@@ -27,10 +27,14 @@ it needs.
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
 import os
 import re
 import shutil
+import socket
+import time
 import uuid
 import zlib
 from collections.abc import Callable, Mapping
@@ -83,11 +87,22 @@ def _crc32(path: str) -> int:
 
 
 def _write_durably(path: str, write: Callable[[IO[bytes]], None]) -> dict[str, int]:
-    """Write a file and flush it to disk; its size and CRC-32 for the manifest."""
-    with open(path, "wb") as f:
-        write(f)
-        f.flush()
-        os.fsync(f.fileno())
+    """Write a file and flush it to disk; its size and CRC-32 for the manifest. A full disk is named as such
+    (torch's zip writer reports it as "unexpected pos" or "file write failed")."""
+    try:
+        with open(path, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+    except (OSError, RuntimeError) as exc:
+        if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
+            raise
+        free = shutil.disk_usage(os.path.dirname(path) or ".").free
+        written = os.path.getsize(path) if os.path.exists(path) else 0
+        if free < max(written, 1 << 20):
+            raise OSError(errno.ENOSPC, f"No space left on device writing {path}: {free:,} bytes free after "
+                                        f"{written:,} written; free space or save elsewhere ({exc})") from exc
+        raise
     return {"bytes": os.path.getsize(path), "crc32": _crc32(path)}
 
 
@@ -115,6 +130,74 @@ def agree(error: str | None, group: ProcessGroup | None) -> None:
     errors = [e for e in all_gather_objects(error, group) if e]
     if errors:
         raise CheckpointError(errors[0])
+
+
+# [Note: one writer per checkpoint path]
+# Two jobs saving to one path (a job launched again while the old one still runs) would each collect the
+# other's staging directory as garbage. Rank 0 therefore creates ``PATH.lock`` beside the checkpoint with
+# O_EXCL before touching anything, holding its host, process id, job id and start time, and removes it
+# when the save ends, committed or failed. A second writer finds the lock and fails on every rank naming
+# the first; the first commits intact. A lock whose writer is dead (same host, no such process) or older
+# than ``_STALE_LOCK_S`` (another host) is a leftover of a killed save: it is removed and the save goes on.
+_STALE_LOCK_S = 6 * 3600.0
+
+
+def _lock_path(path: str) -> str:
+    return f"{path.rstrip(os.sep)}.lock"
+
+
+def _acquire(path: str, version: str) -> str:
+    """Rank 0: take ``path``'s writer lock or raise naming the live writer that holds it."""
+    lock = _lock_path(path)
+    owner = {"host": socket.gethostname(), "pid": os.getpid(), "version": version, "started": time.time(),
+             "job": next((os.environ[k] for k in ("SLURM_JOB_ID", "TORCHELASTIC_RUN_ID") if k in os.environ), None)}
+    for _ in range(2):
+        try:
+            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            holder = _read_lock(lock)
+            if holder is not None and not _is_stale(holder):
+                age = time.time() - float(holder.get("started", 0))
+                job = f", job {holder['job']}" if holder.get("job") else ""
+                raise CheckpointError(
+                    f"another process is saving to {path}: process {holder.get('pid')} on {holder.get('host')}"
+                    f"{job}, for {age:.0f}s (lock {lock}). Two jobs writing one checkpoint path would destroy each "
+                    "other's files: stop the other job, or save this one elsewhere (e.g. another dirpath)"
+                ) from None
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(lock)  # a dead writer's leftover
+            continue
+        with os.fdopen(fd, "w") as f:
+            json.dump(owner, f)
+        return lock
+    raise CheckpointError(f"could not take the writer lock {lock}: another process keeps creating it")
+
+
+def _read_lock(lock: str) -> dict[str, Any] | None:
+    try:
+        with open(lock) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return None  # unreadable or half-written: treated as stale
+
+
+def _is_stale(holder: Mapping[str, Any]) -> bool:
+    if holder.get("host") == socket.gethostname():
+        try:
+            os.kill(int(holder.get("pid", -1)), 0)
+        except ProcessLookupError:
+            return True
+        except (PermissionError, ValueError, OverflowError):
+            return False
+        return False
+    return time.time() - float(holder.get("started", 0)) > _STALE_LOCK_S
+
+
+def _release(lock: str) -> None:
+    holder = _read_lock(lock)
+    if holder is not None and holder.get("pid") == os.getpid() and holder.get("host") == socket.gethostname():
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(lock)
 
 
 def _prepare_directory(path: str, version: str) -> None:
@@ -163,12 +246,25 @@ def save_sharded(
         raise CheckpointError(f"ranks save to different paths {sorted({p for p, _ in agreed})}; pass the same "
                               "path on every rank")
     version = agreed[0][1]
+    held: list[str] = []  # the writer lock, once rank 0 holds it
+    try:
+        _write_locked(path, version, rank, group, local_state, meta, manifest, world, held)
+    finally:
+        for lock in held:
+            _release(lock)
+
+
+def _write_locked(path: str, version: str, rank: int, group: ProcessGroup | None, local_state: Mapping[str, Any],
+                  meta: Mapping[str, Any] | None, manifest: Mapping[str, Any], world: int, held: list[str]) -> None:
+    """``save_sharded`` once the ranks agree on the path: rank 0 takes the writer lock (into ``held``) and
+    prepares the directory, every rank writes, rank 0 commits."""
     error = None
     if rank == 0:
         try:
+            held.append(_acquire(path, version))
             _prepare_directory(path, version)
         except Exception as exc:  # noqa: BLE001 - reported on every rank below
-            error = f"cannot save checkpoint {path}: {exc}"
+            error = str(exc) if isinstance(exc, CheckpointError) else f"cannot save checkpoint {path}: {exc}"
     agree(error, group)
 
     staging = os.path.join(path, version)
@@ -329,6 +425,35 @@ def consolidate_checkpoint(path: str | os.PathLike[str], optimizer: bool = False
         meta.pop("optimizer_states", None)
         meta.pop("lr_schedulers", None)
     return meta
+
+
+# [Note: Lightning's loaders read sharded checkpoints]
+# ``LitModel.load_from_checkpoint(path)`` and every strategy built on ``TorchCheckpointIO`` (``ddp``, and
+# ``Trainer.validate/test(ckpt_path=...)`` under it) read a checkpoint with Lightning's ``pl_load``, a
+# ``torch.load`` of one file, which fails on a directory with ``IsADirectoryError``. ``import lightning_zero``
+# wraps the two module-level ``pl_load`` names those call: a committed sharded directory is consolidated in
+# the calling process (whole fp32 tensors on the CPU, every file's size and CRC checked first), anything
+# else goes to Lightning's loader unchanged. ``load_from_checkpoint`` gets the weights only;
+# ``TorchCheckpointIO`` also gets the optimizer state in torch's format, so plain ``ddp`` resumes a ZeRO run.
+def _sharded_aware(load: Callable[..., Any], optimizer: bool) -> Callable[..., Any]:
+    def pl_load(path_or_url: Any, map_location: Any = None, weights_only: bool | None = None) -> Any:
+        if isinstance(path_or_url, (str, os.PathLike)) and is_sharded_checkpoint(path_or_url):
+            return consolidate_checkpoint(path_or_url, optimizer=optimizer and ShardedCheckpoint(
+                path_or_url).has_optimizer)
+        return load(path_or_url, map_location=map_location, weights_only=weights_only)
+
+    pl_load.lightning_zero = True  # type: ignore[attr-defined]
+    return pl_load
+
+
+def install_loaders() -> None:
+    """Let Lightning's own checkpoint loaders read sharded directories (see the note above); idempotent."""
+    import lightning.fabric.plugins.io.torch_io as torch_io
+    import lightning.pytorch.core.saving as saving
+
+    for module, optimizer in ((saving, False), (torch_io, True)):
+        if not getattr(module.pl_load, "lightning_zero", False):
+            module.pl_load = _sharded_aware(module.pl_load, optimizer)
 
 
 def save_file_atomically(obj: Any, path: str | os.PathLike[str]) -> None:

@@ -54,16 +54,17 @@ class ZeroConfig:
     comm: CommPath = "auto"
 
     def __post_init__(self) -> None:
-        if self.stage not in _STAGES:
+        if isinstance(self.stage, bool) or not isinstance(self.stage, int) or self.stage not in _STAGES:
             raise ValueError(
                 f"ZeRO stage must be one of {_STAGES} (1: optimizer state, 2: + gradients, 3: + parameters), "
                 f"got {self.stage!r}"
             )
-        if not isinstance(self.bucket_numel, int) or self.bucket_numel <= 0:
+        if isinstance(self.bucket_numel, bool) or not isinstance(self.bucket_numel, int) or self.bucket_numel <= 0:
             raise ValueError(f"bucket_numel must be a positive integer, got {self.bucket_numel!r}")
-        if not isinstance(self.unit_numel, int) or self.unit_numel < 0:
+        if isinstance(self.unit_numel, bool) or not isinstance(self.unit_numel, int) or self.unit_numel < 0:
             raise ValueError(f"unit_numel must be a non-negative integer, got {self.unit_numel!r}")
-        if self.persist_numel is not None and (not isinstance(self.persist_numel, int) or self.persist_numel < 0):
+        if self.persist_numel is not None and (isinstance(self.persist_numel, bool)
+                                               or not isinstance(self.persist_numel, int) or self.persist_numel < 0):
             raise ValueError(f"persist_numel must be a non-negative integer or None (automatic), got "
                              f"{self.persist_numel!r}")
         if self.reduce_policy not in _POLICIES:

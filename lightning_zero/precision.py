@@ -166,9 +166,11 @@ class ZeroPrecision(Precision):
             self.scaler.update(bool(bad_loss or bad_grad))  # an overflow: skip, shrink the scale
         if bad_loss or bad_grad:
             self.skipped_steps += 1
+            # Named before the gradients are dropped (a collective; every rank is here).
+            names = engine.nonfinite_params() if self.scaler is None and bad_grad and not bad_loss else []
             engine.skip_step()  # weights and optimizer state untouched
             if self.scaler is None:
-                message = _nonfinite_message(model, bad_loss, bad_grad)
+                message = _nonfinite_message(model, bad_loss, bad_grad, names)
                 if self.nonfinite == "raise":
                     raise FloatingPointError(
                         f"{message}; no weights were updated. Pass ZeroStrategy(nonfinite='skip') to skip such "
@@ -216,12 +218,16 @@ def _dtype(value: torch.dtype | str) -> torch.dtype:
     return getattr(torch, name)
 
 
-def _nonfinite_message(model: pl.LightningModule, bad_loss: list[int], bad_grad: list[int]) -> str:
+def _nonfinite_message(model: pl.LightningModule, bad_loss: list[int], bad_grad: list[int],
+                       names: list[str]) -> str:
     trainer = getattr(model, "_trainer", None)
     step = f"optimizer step {trainer.global_step}" if trainer is not None else "this optimizer step"
     if bad_loss:
         return f"non-finite loss at {step} on rank(s) {bad_loss}"
-    return f"non-finite gradient at {step} (the loss was finite on every rank) in the shards of rank(s) {bad_grad}"
+    where = f" of {names[:5]}{' and more' if len(names) > 5 else ''}" if names else ""
+    return (f"non-finite gradient{where} at {step} (the loss was finite on every rank), in the reduced shards "
+            f"owned by rank(s) {bad_grad}: a reduced shard sums every rank's gradients, so the value may have come "
+            "from any rank")
 
 
 def _cast_floats(data: Any, dtype: torch.dtype) -> Any:

@@ -7,7 +7,7 @@ import inspect
 import math
 from collections import Counter
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import lightning.pytorch as pl
@@ -17,7 +17,7 @@ from torch import optim
 from lightning_zero.config import OffloadName, PrecisionPolicy, ReducePolicyName, ZeroConfig, resolve_reduce_policy
 from lightning_zero.memory import HostBytes, ModelStateBytes, model_state_bytes
 from lightning_zero.sharding.engine import ZeroEngine
-from lightning_zero.sharding.layout import ByModule
+from lightning_zero.sharding.layout import ByModule, full_precision_params
 from lightning_zero.sharding.parameters import module_units
 
 __all__ = ["MemoryEstimate", "OPTIMIZER_STATES", "ZeroMeasurement", "ZeroReport", "estimate_memory"]
@@ -119,6 +119,9 @@ class _Counts:
     frozen: tuple[tuple[int, int], ...] = ()  # (itemsize, elements) of parameters without gradients
     root_trainable: int = 0  # stage 3 keeps parameters the root module owns itself whole (no unit holds them)
     root_frozen_bytes: int = 0
+    # Of ``trainable``: elements a *-mixed policy keeps in fp32 (norms, vectors, embeddings), and the root's share.
+    kept: int = 0
+    root_kept: int = 0
 
     @property
     def frozen_numel(self) -> int:
@@ -193,8 +196,9 @@ def _estimate(
                          "the device: use offload='none' or a stage from 1 to 3")
     optimizer_label, states = _optimizer_states(optimizer)
     # Stage 0 ignores the world size: nothing is sharded.
-    ddp = _bytes(counts, 0, 1, policy, states, reduce_policy)
-    parameters, gradients, master, optimizer_state = _bytes(counts, stage, world_size, policy, states, reduce_policy)
+    ddp = _split_bytes(counts, 0, 1, policy, states, reduce_policy)
+    parameters, gradients, master, optimizer_state = _split_bytes(counts, stage, world_size, policy, states,
+                                                                  reduce_policy)
     host = HostBytes()
     if offload == "optimizer":
         # The host master is a tensor of its own even where the storage slice would be the master (32-true).
@@ -204,6 +208,23 @@ def _estimate(
     return MemoryEstimate(stage, world_size, precision, optimizer_label, counts.trainable, counts.frozen_numel,
                           parameters, gradients, master, optimizer_state, ddp_total=sum(ddp), offload=offload,
                           host=host)
+
+
+def _split_bytes(
+    counts: _Counts, stage: int, world_size: int, policy: PrecisionPolicy, states: int,
+    reduce_policy: ReducePolicyName,
+) -> tuple[int, int, int, int]:
+    """``_bytes`` of the parameters in the policy's dtypes plus those of the ones kept in fp32."""
+    if not counts.kept:
+        return _bytes(counts, stage, world_size, policy, states, reduce_policy)
+    main = replace(counts, trainable=counts.trainable - counts.kept,
+                   root_trainable=counts.root_trainable - counts.root_kept, kept=0, root_kept=0)
+    kept = _Counts(counts.kept, root_trainable=counts.root_kept)
+    fp32 = PrecisionPolicy.from_precision("32-true")
+    parts = zip(_bytes(main, stage, world_size, policy, states, reduce_policy),
+                _bytes(kept, stage, world_size, fp32, states, reduce_policy))
+    a, b, c, d = (x + y for x, y in parts)
+    return a, b, c, d
 
 
 def _bytes(
@@ -263,22 +284,26 @@ def _counts_of_module(module: torch.nn.Module, policy: PrecisionPolicy, unit_num
     # Stage 3 keeps whole what no gather unit holds (the root's own parameters, the persistent units').
     grouping = ByModule(module_units(module, unit_numel, persist_numel))
     whole = {id(p) for fqn, p in module.named_parameters() if not grouping.unit_of(fqn)}
-    trainable = root_trainable = root_frozen_bytes = 0
+    mixed = policy.storage.itemsize < policy.master.itemsize
+    fp32 = {id(p) for p in full_precision_params(module) if p.dtype == torch.float32} if mixed else set()
+    trainable = root_trainable = root_frozen_bytes = kept = root_kept = 0
     frozen: Counter[int] = Counter()
     for param in module.parameters():
         if param.requires_grad:
             trainable += param.numel()
             root_trainable += param.numel() if id(param) in whole else 0
+            kept += param.numel() if id(param) in fp32 else 0
+            root_kept += param.numel() if id(param) in fp32 and id(param) in whole else 0
             continue
         size = policy.storage.itemsize if casts_module and param.is_floating_point() else param.element_size()
         frozen[size] += param.numel()
         root_frozen_bytes += size * param.numel() if id(param) in whole else 0
-    return _Counts(trainable, tuple(sorted(frozen.items())), root_trainable, root_frozen_bytes)
+    return _Counts(trainable, tuple(sorted(frozen.items())), root_trainable, root_frozen_bytes, kept, root_kept)
 
 
 def _counts_of_engine(engine: ZeroEngine) -> _Counts:
     """The counts of the model ``engine`` shards, from its layout (stage 3's module holds empty tensors)."""
-    trainable = root_trainable = root_frozen_bytes = 0
+    trainable = root_trainable = root_frozen_bytes = kept = root_kept = 0
     frozen: Counter[int] = Counter()
     for bucket in engine.layout.buckets:
         # Stage 3's root unit "" holds the parameters no gather unit covers: they stay gathered.
@@ -286,10 +311,12 @@ def _counts_of_engine(engine: ZeroEngine) -> _Counts:
         if bucket.trainable:
             trainable += bucket.numel
             root_trainable += bucket.numel if root else 0
+            kept += bucket.numel if bucket.key.own_dtype else 0
+            root_kept += bucket.numel if bucket.key.own_dtype and root else 0
         else:
             frozen[bucket.key.dtype.itemsize] += bucket.numel
             root_frozen_bytes += bucket.key.dtype.itemsize * bucket.numel if root else 0
-    return _Counts(trainable, tuple(sorted(frozen.items())), root_trainable, root_frozen_bytes)
+    return _Counts(trainable, tuple(sorted(frozen.items())), root_trainable, root_frozen_bytes, kept, root_kept)
 
 
 def _optimizer_states(optimizer: str | type[optim.Optimizer] | optim.Optimizer) -> tuple[str, int]:

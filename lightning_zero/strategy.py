@@ -128,6 +128,9 @@ class ZeroStrategy(DDPStrategy):
                              f"stage {stage}: drop it, or use stage=3")
         if timeout is not None and not isinstance(timeout, timedelta):
             raise TypeError(f"timeout must be a datetime.timedelta, e.g. timedelta(minutes=10), got {timeout!r}")
+        if timeout is not None and timeout <= timedelta(0):
+            raise ValueError(f"timeout must be positive (how long collectives wait before failing), got {timeout!r}; "
+                             "use e.g. timedelta(minutes=10), or None for the default (30 minutes)")
         if start_method not in _START_METHODS:
             raise ValueError(f"start_method must be one of {_START_METHODS}, got {start_method!r}")
         self.config = ZeroConfig(
@@ -377,10 +380,12 @@ class ZeroStrategy(DDPStrategy):
         self, checkpoint: dict[str, Any], filepath: str | os.PathLike[str], storage_options: Any | None = None
     ) -> None:
         """Write ``checkpoint`` atomically: "sharded", a directory every rank writes its slices into (a
-        collective: call it on every rank); "full", one file written by rank 0."""
+        collective: call it on every rank); "full", or before the processes are launched (``save_checkpoint``
+        before ``fit``, as under ``ddp``), one file written by rank 0."""
         if storage_options is not None:
             raise TypeError("ZeroStrategy.save_checkpoint takes no storage_options; it writes files itself")
-        if not self._sharded_save:
+        launched = dist.is_available() and dist.is_initialized()
+        if not self._sharded_save or not launched:  # before fit the module is whole here: one file, as ddp
             if self.is_global_zero:
                 save_file_atomically(checkpoint, filepath)
             return
@@ -434,19 +439,26 @@ class ZeroStrategy(DDPStrategy):
     @property
     @override
     def restore_checkpoint_after_setup(self) -> bool:
-        """Restore into the engine's slices: under stage 3 the module's parameters are not whole before."""
-        return True
+        """Stages 1-2 restore the weights before setup, into the whole module, so the user's hooks run in
+        ``ddp``'s order (``on_load_checkpoint`` before ``configure_optimizers``). Stage 3 restores after
+        setup, into the engine's slices: its module may never hold whole parameters (``sharded_init``), as
+        with Lightning's own FSDP and DeepSpeed strategies."""
+        return self.config.stage == 3
 
     @override
     def load_model_state_dict(self, checkpoint: Mapping[str, Any], strict: bool = True) -> None:
         assert self.lightning_module is not None
         state = dict(checkpoint["state_dict"])
         shards: ShardedCheckpoint | None = checkpoint.get(_SHARDS)
-        if not self.engines:
+        if not self.engines:  # before setup (stages 1-2): into the whole module, as under ddp
+            origin = shards.path if shards is not None else "the checkpoint"
             if shards is not None:
                 state.update(to_full_state_dict(shards.source(optimizer=False), shards.manifest.get("aliases"),
                                                 optimizer=False)["params"])
-            self.lightning_module.load_state_dict(state, strict=strict)
+            try:
+                self.lightning_module.load_state_dict(state, strict=strict)
+            except RuntimeError as exc:
+                raise CheckpointError(f"{origin} does not match this model: {exc}") from exc
             return
         engine = self.engines[0]
         names = self._layout_names()

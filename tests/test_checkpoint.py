@@ -75,6 +75,10 @@ def resume_against_ddp(tmp: str) -> dict[str, Any]:
         save_file_atomically(consolidate_checkpoint(os.path.join(tmp, "zero2.ckpt"), optimizer=True), exported)
     dist.barrier()
     errors["zero2 consolidated->ddp"] = max(relative_errors(resume(ddp(), exported), reference).values())
+    # Plain ddp reads the sharded directory itself (weights and optimizer state): see [Note: Lightning's
+    # loaders read sharded checkpoints].
+    errors["zero3 directory->ddp"] = max(relative_errors(resume(ddp(), os.path.join(tmp, "zero3.ckpt")),
+                                                         reference).values())
     return {"errors": errors, "traffic": traffic_during_save}
 
 
@@ -151,6 +155,10 @@ def test_consolidated_checkpoint_loads_in_a_plain_process(pools, tmp_path) -> No
         assert torch.equal(value, expected[name]), name
         assert value.dtype == torch.float32
     assert not dist.is_initialized()
+    # Lightning's own loader reads the sharded directory, no consolidation step by the user.
+    direct = LitTiny.load_from_checkpoint(path)
+    for name, value in direct.state_dict().items():
+        assert torch.equal(value, expected[name]), name
     bad = subprocess.run([sys.executable, "-m", "lightning_zero", "consolidate", str(tmp_path), out], cwd=ROOT,
                          capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and "no CHECKPOINT.json" in bad.stderr

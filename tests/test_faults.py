@@ -45,6 +45,12 @@ CONSTRUCTION: list[tuple[str, Callable[[], object], str]] = [
     ("unknown nonfinite policy", lambda: ZeroStrategy(nonfinite="ignore"),  # type: ignore[arg-type]
      "nonfinite must be 'raise' or 'skip'"),
     ("timeout as a number", lambda: ZeroStrategy(timeout=30), "timeout must be a datetime.timedelta"),  # type: ignore[arg-type]
+    ("timeout zero", lambda: ZeroStrategy(timeout=timedelta(0)), "timeout must be positive"),
+    ("timeout negative", lambda: ZeroStrategy(timeout=timedelta(seconds=-5)), "timeout must be positive"),
+    ("stage True", lambda: ZeroStrategy(stage=True), "stage must be one of"),  # type: ignore[arg-type]
+    ("stage 2.0", lambda: ZeroStrategy(stage=2.0), "stage must be one of"),  # type: ignore[arg-type]
+    ("bucket_numel True", lambda: ZeroStrategy(bucket_numel=True), "bucket_numel must be a positive"),
+    ("unit_numel True", lambda: ZeroConfig(stage=3, unit_numel=True), "unit_numel must be a non-negative"),
     ("unknown start method", lambda: ZeroStrategy(start_method="thread"),  # type: ignore[arg-type]
      "start_method must be one of"),
     ("double precision", _trainer_with(strategy="zero2", precision="64-true"), "use precision= one of"),
@@ -208,15 +214,19 @@ def test_a_failing_rank_ends_every_process(mode: str, rank: int, step: int, devi
 class NonFinite(LitTiny):
     """LitTiny whose loss on ``rank`` at optimizer step ``step`` is NaN; records weights after each step."""
 
-    def __init__(self, rank: int, step: int) -> None:
+    def __init__(self, rank: int, step: int, where: str = "loss") -> None:
         super().__init__("adamw")
-        self.bad_rank, self.bad_step = rank, step
+        self.bad_rank, self.bad_step, self.where = rank, step, where
         self.after: list[torch.Tensor] = []
 
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
         loss = super().training_step(batch, batch_idx)
         if self.global_rank == self.bad_rank and self.global_step == self.bad_step:
-            loss = loss * float("nan")
+            if self.where == "loss":
+                loss = loss * float("nan")
+            else:  # a finite loss whose gradient is NaN: d sqrt(x)/dx at 0 times 0
+                weight = next(self.net.parameters())
+                loss = loss + 0.0 * torch.sqrt(weight.sum() * 0.0)
         return loss
 
     def on_train_batch_end(self, *args: Any) -> None:
@@ -229,8 +239,8 @@ def _masters(module: pl.LightningModule) -> torch.Tensor:
     return torch.cat([master.detach().float().clone() for master in (b.master for b in engine.trainable_buckets)])
 
 
-def nonfinite_run(stage: int, policy: str, precision: str) -> dict[str, Any]:
-    module = NonFinite(rank=1, step=2)
+def nonfinite_run(stage: int, policy: str, precision: str, where: str = "loss") -> dict[str, Any]:
+    module = NonFinite(rank=1, step=2, where=where)
     fit = trainer(ZeroStrategy(stage=stage, bucket_numel=150, nonfinite=policy), precision=precision, max_steps=5)
     error = None
     try:
@@ -249,6 +259,17 @@ def test_nonfinite_loss_raises_naming_step_and_rank(pools, stage: int, precision
     for result in results:
         assert "non-finite loss at optimizer step 2 on rank(s) [1]" in result["error"]
         assert result["changed"] == [True]  # steps 0 and 1 moved the weights, step 2 raised before it did
+        assert result["unchanged_since_error"]
+
+
+def test_nonfinite_gradient_names_the_parameter_and_the_shard_owner(pools) -> None:
+    results = pools(2).run(nonfinite_run, 2, "raise", "32-true", "gradient")
+    print(results[0]["error"])
+    first = next(n for n, p in LitTiny("adamw").named_parameters())
+    for result in results:
+        error = result["error"]
+        assert error is not None and "non-finite gradient of [" in error and first in error, error
+        assert "reduced shards owned by rank(s)" in error and "may have come from any rank" in error
         assert result["unchanged_since_error"]
 
 

@@ -156,6 +156,7 @@ def fit_with_report() -> dict[str, Any]:
         "printed": out.getvalue(), "estimate": report.estimate, "last_step": report.last.step,
         "logged": [(step, row) for step, row in logger.rows if "zero/bytes/total" in row],
         "recorded": recorder.held, "padded": sum(b.padded_numel for b in trainable),
+        "gathered_bytes": sum(b.padded_numel * b.dtypes.storage.itemsize for b in trainable),
     }
 
 
@@ -174,9 +175,11 @@ def test_zero_report_in_a_trainer(pools) -> None:
     # Default cadence: the first optimizer step and every log_every_n_steps-th one.
     assert [step for step, _ in first["logged"]] == [1, 2, 4] and first["last_step"] == 4
     # One optimizer step's window: both micro-batches reduce-scatter fp32 gradients (stage 2), the updated
-    # bf16 parameters are all-gathered once, plus a few bytes of control (one all-gather of flags).
+    # parameters are all-gathered once (bf16 matrices, fp32 vectors), plus a few bytes of control (one
+    # all-gather of flags).
     reduce_scatter = 2 * first["padded"] * 4
-    all_gather = first["padded"] * 2
+    all_gather = first["gathered_bytes"]
+    assert first["padded"] * 2 < all_gather < first["padded"] * 2.1
     for step, row in first["logged"]:
         recorded = first["recorded"][step]
         assert {f: row[f"zero/bytes/{f}"] for f in (*FIELDS, "total")} == recorded, (step, row, recorded)

@@ -44,7 +44,7 @@ from lightning_zero.sharding.collectives import (
 )
 from lightning_zero.sharding.gradients import GradientReducer
 from lightning_zero.sharding.init import PendingChunk, pending_chunks
-from lightning_zero.sharding.layout import ByModule, BySize, DtypeSlots, Layout, plan_layout
+from lightning_zero.sharding.layout import ByModule, BySize, DtypeSlots, Layout, full_precision_params, plan_layout
 from lightning_zero.sharding.optimizer import ShardedOptimizer, check_host_steppable
 from lightning_zero.sharding.parameters import ParameterSharder, module_units
 from lightning_zero.sharding.state import FORMAT, FullSource, StateSource
@@ -124,8 +124,10 @@ class ZeroEngine:
             for param in list(chunks):
                 param.data = self._assemble([param], [chunks.pop(param)])[0]
         self._chunks = chunks
+        mixed = dtypes is not None and dtypes.storage.itemsize < dtypes.master.itemsize
         self.layout: Layout = plan_layout(named, self.world_size, grouping, group_of, dtypes, aliases,
-                                          shapes={p: c.shape for p, c in chunks.items()})
+                                          shapes={p: c.shape for p, c in chunks.items()},
+                                          own_dtype=full_precision_params(module) if mixed else ())
         self._check_ranks_agree()
         self.params: list[torch.nn.Parameter] = [param for _, param in named]
         self.comm = Comm(process_group, self.device, self.config.comm,
@@ -341,6 +343,19 @@ class ZeroEngine:
         self.reduce_gradients()
         assert self._flags is not None
         return self._flags.loss_nonfinite, self._flags.grad_nonfinite
+
+    def nonfinite_params(self) -> list[str]:
+        """Names of the parameters whose reduced gradient slice is not finite on any rank (a collective: call
+        it on every rank, after ``nonfinite_ranks``)."""
+        self.reduce_gradients()
+        mine = []
+        for bucket in self.trainable_buckets:
+            if bucket.grad_shard is None or bool(torch.isfinite(bucket.grad_shard).all()):
+                continue
+            for piece in self.layout.shard_slices(bucket.plan, self.rank):
+                if not bool(torch.isfinite(bucket.grad_shard.narrow(0, piece.shard_offset, piece.numel)).all()):
+                    mine.append(self.layout.params[piece.param].fqn)
+        return sorted({name for names in all_gather_objects(mine, self.group) for name in names})
 
     def skip_step(self) -> None:
         """Drop this window's gradients without touching weights or optimizer state."""

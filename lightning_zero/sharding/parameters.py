@@ -26,6 +26,7 @@ still reduce-scattered and their optimizer state still sharded; the memory cost 
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterable, Sequence
 
 import torch
@@ -110,6 +111,22 @@ def _units(module: torch.nn.Module, unit_numel: int, prefix: str) -> list[str]:
         elif params:
             units.append(fqn)
     return units
+
+
+def _tensors_in(output: object, depth: int = 3) -> list[torch.Tensor]:
+    """The tensors of a unit's output: pytree containers (tuples, lists, dicts, HF ``ModelOutput``), and
+    the fields of dataclasses and plain objects up to ``depth`` levels down."""
+    found = []
+    for leaf in tree_leaves(output):
+        if isinstance(leaf, torch.Tensor):
+            found.append(leaf)
+        elif depth > 0 and leaf is not None and not isinstance(leaf, (str, bytes, int, float, bool)):
+            fields = vars(leaf) if hasattr(leaf, "__dict__") else {}
+            if dataclasses.is_dataclass(leaf):
+                fields = {f.name: getattr(leaf, f.name, None) for f in dataclasses.fields(leaf)}
+            if fields:
+                found.extend(_tensors_in(list(fields.values()), depth - 1))
+    return found
 
 
 class ParameterSharder:
@@ -236,10 +253,14 @@ class ParameterSharder:
         def hook(module: torch.nn.Module, args: object, output: object) -> None:
             backward_follows = False
             if torch.is_grad_enabled():
-                for tensor in tree_leaves(output):
-                    if isinstance(tensor, torch.Tensor) and tensor.requires_grad:
+                for tensor in _tensors_in(output):
+                    if tensor.requires_grad:
                         tensor.register_hook(self._pre_backward(needed))
                         backward_follows = True
+                if not backward_follows and any(p.requires_grad for p in module.parameters()):
+                    # An output this hook cannot look into (an object of its own class) may still lead
+                    # backward into this unit: it stays gathered until the end of backward or the step.
+                    return
             # [Note: keep the last unit] The unit that ended the previous forward is the first that backward
             # needs: it stays gathered, one all-gather fewer per step (FSDP2 does not reshard its root either).
             if not (backward_follows and len(self._order) == len(self._previous_order) and not self.hold_all):

@@ -1,0 +1,146 @@
+"""Faults, round two: no silent dtype change, no checkpoint destroyed by a tool, one writer per checkpoint
+path, a full disk named as such."""
+
+from __future__ import annotations
+
+import errno
+import json
+import multiprocessing
+import os
+import socket
+import time
+from typing import Any
+
+import pytest
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from lightning_zero import CheckpointError, ShardedCheckpoint, ZeroStrategy
+from lightning_zero.__main__ import main as cli
+from lightning_zero.checkpoint import _write_durably
+from tests.lit_helpers import LitTiny, SettledDDPStrategy, loader, trainer
+
+
+# ---------------------------------------------------------------------------------------------- dtypes
+class WithDouble(LitTiny):
+    """LitTiny with a float64 layer in front (its forward casts the input to the layer's dtype)."""
+
+    def __init__(self) -> None:
+        super().__init__("adamw")
+        torch.manual_seed(1)
+        self.wide = nn.Linear(7, 7).double()
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        x, y, step = batch
+        x = self.wide(x.to(self.wide.weight.dtype)).float()
+        return nn.functional.mse_loss(self.net(x, use_branch=int(step) % 2 == 0), y)
+
+    def configure_optimizers(self) -> Any:
+        return torch.optim.AdamW(self.parameters(), lr=1e-2)
+
+
+def fit_with_double(kind: str, precision: str) -> dict[str, Any]:
+    strategy: Any = SettledDDPStrategy(find_unused_parameters=True) if kind == "ddp" else ZeroStrategy(
+        stage=int(kind[-1]), bucket_numel=150)
+    module = WithDouble()
+    trainer(strategy, max_steps=3, precision=precision).fit(module, loader(3, 1))
+    return {"dtype": str(module.wide.weight.dtype), "weight": module.wide.weight.detach().clone(),
+            "trained_in": str(module.wide.weight.dtype)}
+
+
+@pytest.mark.parametrize("precision", ["32-true", "bf16-mixed"])
+def test_a_float64_layer_stays_float64(pools, precision: str) -> None:
+    reference = pools(2).run(fit_with_double, "ddp", precision)[0]
+    assert reference["dtype"] == "torch.float64"
+    for kind in ("zero1", "zero2", "zero3"):
+        got = pools(2).run(fit_with_double, kind, precision)[0]
+        assert got["dtype"] == "torch.float64", (kind, got["dtype"])
+        error = ((got["weight"] - reference["weight"]).norm() / reference["weight"].norm()).item()
+        print(f"{kind} {precision}: float64 layer kept, {error:.1e} from ddp")
+        assert error <= 1e-12, (kind, error)
+
+
+# ---------------------------------------------------------------------------------------------- consolidate
+def save_small(path: str) -> None:
+    fit = trainer(ZeroStrategy(stage=2), max_steps=1)
+    fit.fit(LitTiny("adamw"), loader(1, 1))
+    fit.save_checkpoint(path)
+
+
+def test_consolidate_never_destroys_a_checkpoint(pools, tmp_path, capsys) -> None:
+    path = str(tmp_path / "run.ckpt")
+    pools(2).run(save_small, path)
+    before = sorted(os.listdir(path))
+    for output in (path, path + os.sep, os.path.join(path, "inside.ckpt")):
+        assert cli(["consolidate", path, output]) == 2
+        assert "would destroy the sharded checkpoint" in capsys.readouterr().err
+        assert sorted(os.listdir(path)) == before and ShardedCheckpoint(path).has_optimizer
+    existing = tmp_path / "model.ckpt"
+    existing.write_bytes(b"keep me")
+    assert cli(["consolidate", path, str(existing)]) == 2
+    assert "exists; pass --force" in capsys.readouterr().err and existing.read_bytes() == b"keep me"
+    assert cli(["consolidate", path, str(tmp_path)]) == 2
+    assert "is a directory" in capsys.readouterr().err
+    assert cli(["consolidate", path, str(existing), "--force"]) == 0
+    assert "state_dict" in torch.load(existing, weights_only=True)
+
+
+# ---------------------------------------------------------------------------------------------- writer lock
+def _dead_pid() -> int:
+    process = multiprocessing.get_context("spawn").Process(target=time.sleep, args=(0,))
+    process.start()
+    process.join()
+    return process.pid
+
+
+def save_while_locked(path: str, holder: dict[str, Any] | None) -> dict[str, Any]:
+    """``holder``: the lock another writer holds (None: nobody). Save, and report what happened."""
+    lock = path + ".lock"
+    if dist.get_rank() == 0 and holder is not None:
+        with open(lock, "w") as f:
+            json.dump(holder, f)
+    dist.barrier()
+    fit = trainer(ZeroStrategy(stage=2), max_steps=2)
+    fit.fit(LitTiny("adamw"), loader(2, 1))
+    error = None
+    try:
+        fit.save_checkpoint(path)
+    except CheckpointError as exc:
+        error = str(exc)
+    dist.barrier()
+    return {"error": error, "lock_left": os.path.exists(lock),
+            "version": ShardedCheckpoint(path).manifest["version"]}
+
+
+def test_a_second_writer_is_refused_and_a_dead_ones_lock_is_cleaned(pools, tmp_path) -> None:
+    path = str(tmp_path / "shared.ckpt")
+    pools(2).run(save_small, path)
+    committed = ShardedCheckpoint(path).manifest["version"]
+    live = {"host": socket.gethostname(), "pid": os.getpid(), "job": "4242", "started": time.time() - 30}
+    results = pools(2).run(save_while_locked, path, live)
+    for result in results:
+        print(result["error"])
+        assert result["error"] is not None and f"process {os.getpid()}" in result["error"], result
+        assert "job 4242" in result["error"] and "another process is saving to" in result["error"]
+        assert result["version"] == committed  # the first writer's checkpoint is intact
+    assert os.path.exists(path + ".lock")  # still the live writer's
+    os.remove(path + ".lock")
+    dead = {**live, "pid": _dead_pid()}
+    results = pools(2).run(save_while_locked, path, dead)
+    for result in results:
+        assert result["error"] is None and not result["lock_left"], result
+        assert result["version"] != committed
+
+
+# ---------------------------------------------------------------------------------------------- full disk
+def test_a_full_disk_is_named(tmp_path, monkeypatch) -> None:
+    def torch_zip_writer(f: Any) -> None:
+        f.write(b"x" * 1000)
+        raise RuntimeError("[enforce fail at inline_container.cc:783] . PytorchStreamWriter failed writing "
+                           "file data/0: unexpected pos 1000 vs 900")
+
+    monkeypatch.setattr("shutil.disk_usage", lambda _: type("Usage", (), {"free": 0})())
+    with pytest.raises(OSError, match="No space left on device") as caught:
+        _write_durably(str(tmp_path / "file.pt"), torch_zip_writer)
+    assert caught.value.errno == errno.ENOSPC and "unexpected pos" in str(caught.value)
