@@ -79,7 +79,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     common_arguments(parser)
     args = parser.parse_args()
-    result = run_pinned(_worker, args)[0]
+    result = run_pinned(_worker, args)
     lines = [f"Example GPT ({result['params']:,} parameters), bf16-mixed, AdamW, 2 ranks pinned, "
              f"{args.repeats} interleaved repeats of {args.steps} timed steps", "",
              "| stage | layout | fp32 elements | median step (ms) | ratio to all-bf16 | model state per rank (bytes) |",
