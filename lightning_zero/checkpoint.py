@@ -151,6 +151,7 @@ def _acquire(path: str, version: str) -> str:
     lock = _lock_path(path)
     owner = {"host": socket.gethostname(), "pid": os.getpid(), "version": version, "started": time.time(),
              "job": next((os.environ[k] for k in ("SLURM_JOB_ID", "TORCHELASTIC_RUN_ID") if k in os.environ), None)}
+    os.makedirs(os.path.dirname(lock) or ".", exist_ok=True)
     for _ in range(2):
         try:
             fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
@@ -277,7 +278,7 @@ def _write_locked(path: str, version: str, rank: int, group: ProcessGroup | None
                  "whole": {fqn: value.numel() for fqn, value in local_state["whole"].items()}}
     except Exception as exc:  # noqa: BLE001 - reported on every rank below
         error = f"rank {rank} could not write its part of checkpoint {path}: {type(exc).__name__}: {exc}"
-    entries = all_gather_objects(entry, group)
+    entries = all_gather_objects(entry, group, what="every rank's report that its checkpoint file is written")
     if error is not None or any(e is None for e in entries):
         if rank == 0:
             shutil.rmtree(staging, ignore_errors=True)
@@ -405,6 +406,15 @@ def named_optimizer_state(state: Mapping[str, Any], names: list[list[str]]) -> d
     return {"state": {name_of[n]: dict(values) for n, values in state["state"].items()}, "param_groups": groups}
 
 
+def fill_from_shards(meta: dict[str, Any], params: Mapping[str, torch.Tensor]) -> None:
+    """Put the shards' whole ``params`` where a plain checkpoint holds the module's weights. Whole tensors a
+    callback already put into ``state_dict`` win (``EMAWeightAveraging`` saves its average there, and keeps
+    the module's own state in ``current_model_state``, which then gets the shards' values)."""
+    meta["state_dict"] = {**params, **meta.get("state_dict", {})}
+    if isinstance(meta.get("current_model_state"), Mapping):
+        meta["current_model_state"] = {**params, **meta["current_model_state"]}
+
+
 def consolidate_checkpoint(path: str | os.PathLike[str], optimizer: bool = False) -> dict[str, Any]:
     """A plain Lightning checkpoint dict from a sharded one, in this process, without ``torch.distributed``:
     ``state_dict`` holds whole fp32 tensors (master precision), so ``MyModule.load_from_checkpoint`` and
@@ -416,9 +426,7 @@ def consolidate_checkpoint(path: str | os.PathLike[str], optimizer: bool = False
     if optimizer and not checkpoint.has_optimizer:
         raise CheckpointError(f"checkpoint {checkpoint.path} was saved without optimizer state (weights only)")
     full = to_full_state_dict(checkpoint.source(optimizer), checkpoint.manifest.get("aliases"), optimizer)
-    state_dict = dict(meta.get("state_dict", {}))
-    state_dict.update(full["params"])
-    meta["state_dict"] = state_dict
+    fill_from_shards(meta, full["params"])
     if optimizer:
         meta["optimizer_states"] = [torch_optimizer_state(full["optimizer"])]
     else:

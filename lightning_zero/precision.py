@@ -21,6 +21,7 @@ from typing_extensions import override
 from lightning_zero.config import PrecisionName, PrecisionPolicy
 from lightning_zero.loss_scaler import DynamicLossScaler
 from lightning_zero.sharding.engine import ZeroEngine
+from lightning_zero.sharding.whereabouts import mark
 
 __all__ = ["ZeroPrecision"]
 
@@ -137,6 +138,7 @@ class ZeroPrecision(Precision):
     @override
     def pre_backward(self, tensor: Tensor, module: pl.LightningModule) -> Tensor:  # type: ignore[override]
         super().pre_backward(tensor, module)
+        mark("backward")
         nonfinite = ~torch.isfinite(tensor.detach()).all()  # read in the step's one flag exchange: no sync here
         for engine in self._engines.values():
             engine.loss_nonfinite = nonfinite | engine.loss_nonfinite
@@ -161,6 +163,7 @@ class ZeroPrecision(Precision):
     ) -> Any:
         engine = self.engine_for(optimizer)
         closure_result = closure()
+        mark("optimizer step")
         bad_loss, bad_grad = engine.nonfinite_ranks()
         if self.scaler is not None:
             self.scaler.update(bool(bad_loss or bad_grad))  # an overflow: skip, shrink the scale

@@ -32,16 +32,18 @@ from lightning_zero.checkpoint import (
     CheckpointError,
     ShardedCheckpoint,
     agree,
+    fill_from_shards,
     named_optimizer_state,
     save_file_atomically,
     save_sharded,
 )
 from lightning_zero.config import ReducePolicyName, ZeroConfig
 from lightning_zero.precision import ZeroPrecision
-from lightning_zero.sharding.collectives import broadcast_coalesced, wait_all
+from lightning_zero.sharding.collectives import CollectiveError, broadcast_coalesced, wait_all
 from lightning_zero.sharding.engine import ZeroEngine
 from lightning_zero.sharding.init import sharded_init
 from lightning_zero.sharding.state import FullSource, StateSource, to_full_state_dict
+from lightning_zero.sharding.whereabouts import mark, publish, start_fit
 
 __all__ = ["ZeroStrategy"]
 
@@ -200,6 +202,7 @@ class ZeroStrategy(DDPStrategy):
         assert self.accelerator is not None and self.model is not None
         self.accelerator.setup(trainer)
         self._release_engines()
+        start_fit()
         self._buffers_due = True  # as a fresh DDP wrapper: the first forward takes rank 0's buffers
         precision = self.precision_plugin
         precision.device_type = self.root_device.type
@@ -306,14 +309,19 @@ class ZeroStrategy(DDPStrategy):
 
     @override
     def training_step(self, *args: Any, **kwargs: Any) -> Any:
+        trainer = self.lightning_module.trainer if self.lightning_module is not None else None
+        batch = args[1] if len(args) > 1 and isinstance(args[1], int) else kwargs.get("batch_idx")
+        mark("forward", step=trainer.global_step if trainer is not None else None, batch=batch)
         return self._through_buffers(super().training_step, True, *args, **kwargs)
 
     @override
     def validation_step(self, *args: Any, **kwargs: Any) -> Any:
+        mark("validation")
         return self._through_buffers(super().validation_step, False, *args, **kwargs)
 
     @override
     def test_step(self, *args: Any, **kwargs: Any) -> Any:
+        mark("test")
         return self._through_buffers(super().test_step, False, *args, **kwargs)
 
     @override
@@ -384,6 +392,7 @@ class ZeroStrategy(DDPStrategy):
         before ``fit``, as under ``ddp``), one file written by rank 0."""
         if storage_options is not None:
             raise TypeError("ZeroStrategy.save_checkpoint takes no storage_options; it writes files itself")
+        mark("save")
         launched = dist.is_available() and dist.is_initialized()
         if not self._sharded_save or not launched:  # before fit the module is whole here: one file, as ddp
             if self.is_global_zero:
@@ -433,6 +442,9 @@ class ZeroStrategy(DDPStrategy):
             raise CheckpointError(error)
         assert checkpoint is not None
         loaded = checkpoint.load_meta(weights_only=bool(weights_only))
+        if "current_model_state" in loaded:  # a weight-averaging callback reads the module's state from it
+            fill_from_shards(loaded, to_full_state_dict(checkpoint.source(optimizer=False),
+                                                        checkpoint.manifest.get("aliases"), optimizer=False)["params"])
         loaded[_SHARDS] = checkpoint
         return loaded
 
@@ -453,8 +465,10 @@ class ZeroStrategy(DDPStrategy):
         if not self.engines:  # before setup (stages 1-2): into the whole module, as under ddp
             origin = shards.path if shards is not None else "the checkpoint"
             if shards is not None:
-                state.update(to_full_state_dict(shards.source(optimizer=False), shards.manifest.get("aliases"),
-                                                optimizer=False)["params"])
+                whole = {"state_dict": state}
+                fill_from_shards(whole, to_full_state_dict(shards.source(optimizer=False),
+                                                           shards.manifest.get("aliases"), optimizer=False)["params"])
+                state = whole["state_dict"]
             try:
                 self.lightning_module.load_state_dict(state, strict=strict)
             except RuntimeError as exc:
@@ -463,8 +477,10 @@ class ZeroStrategy(DDPStrategy):
         engine = self.engines[0]
         names = self._layout_names()
         origin = shards.path if shards is not None else "the checkpoint"
-        source: StateSource = shards.source(optimizer=False) if shards is not None else FullSource(
-            {"params": {k: v for k, v in state.items() if k in names}})
+        # Whole weights in the state dict win over the shards: a callback put them there (EMA's average).
+        whole = {k: v for k, v in state.items() if k in names}
+        source: StateSource = shards.source(optimizer=False) if shards is not None and not whole else FullSource(
+            {"params": whole})
         try:
             engine.check_source(source, optimizer=False)
         except ValueError as exc:
@@ -524,6 +540,8 @@ class ZeroStrategy(DDPStrategy):
         on Ctrl+C, so a rank blocked in a collective or hung would outlive the run. They get a moment to
         finish on their own (a rank that failed first prints its error) before being killed."""
         super().on_exception(exception)
+        # Ranks still waiting on this one read where it stopped and why (see [Note: whereabouts]).
+        publish(None if isinstance(exception, CollectiveError) else exception)
         launcher = self.launcher
         procs = getattr(launcher, "procs", None) if isinstance(launcher, _SubprocessScriptLauncher) else None
         if not procs:
@@ -542,7 +560,7 @@ class ZeroStrategy(DDPStrategy):
         """As ``ddp``'s, but on gloo the barrier's handle stays with Python: Lightning's barriers are often a
         process's last collective (see [Note: keep finished work handles])."""
         if dist.is_available() and dist.is_initialized() and dist.get_backend() == "gloo":
-            wait_all([dist.barrier(async_op=True)])
+            wait_all([dist.barrier(async_op=True)], what="a barrier (trainer.strategy.barrier)")
         else:
             super().barrier(*args, **kwargs)
 
@@ -554,13 +572,14 @@ class ZeroStrategy(DDPStrategy):
         module = self.lightning_module
         finished = module is not None and module._trainer is not None and (
             module._trainer.state.status != TrainerStatus.INTERRUPTED)
+        mark("end of run", step=module._trainer.global_step if module is not None and module._trainer else None)
         for engine in self.engines:
             if finished:
                 engine.materialize_module()
             engine.close(release_group=finished)
         if finished and torch.distributed.is_available() and torch.distributed.is_initialized():
             # The last collective's handle stays with Python (see [Note: keep finished work handles]).
-            wait_all([torch.distributed.barrier(async_op=True)])
+            wait_all([torch.distributed.barrier(async_op=True)], what="the barrier every rank passes at the end of fit")
         super().teardown()
 
     @classmethod

@@ -4,6 +4,8 @@ fault on rank RANK at optimizer step STEP. Prints "FAULT <unix time>" just befor
     python tests/fault_script.py raise|exit|kill|hang RANK STEP DEVICES TIMEOUT_S
 
 raise: ``training_step`` raises ValueError; exit: ``os._exit(3)``; kill: SIGKILL to itself; hang: sleeps.
+uneven: one epoch in which rank RANK has STEP more batches than the others (4); "FAULT" when the others
+finish it.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ class Faulty(LitTiny):
         self.mode, self.fault_rank, self.fault_step = mode, rank, step
 
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
-        if self.global_rank == self.fault_rank and self.global_step == self.fault_step:
+        if self.mode != "uneven" and self.global_rank == self.fault_rank and self.global_step == self.fault_step:
             print(f"FAULT {time.time():.3f} {self.mode} on rank {self.global_rank} at step {self.global_step}",
                   flush=True)
             if self.mode == "raise":
@@ -41,16 +43,23 @@ class Faulty(LitTiny):
                 time.sleep(600)
         return super().training_step(batch, batch_idx)
 
+    def on_train_epoch_end(self) -> None:
+        if self.mode == "uneven" and self.global_rank != self.fault_rank:
+            print(f"FAULT {time.time():.3f} rank {self.global_rank} ran out of batches", flush=True)
+
 
 def main() -> None:
     mode, rank, step, devices, timeout = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), float(
         sys.argv[5])
+    uneven = mode == "uneven"
     trainer = pl.Trainer(
         strategy=ZeroStrategy(stage=2, bucket_numel=150, timeout=timedelta(seconds=timeout)), accelerator="cpu",
-        devices=devices, max_steps=step + 3, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-        enable_model_summary=False, use_distributed_sampler=False,
+        devices=devices, max_steps=-1 if uneven else step + 3, max_epochs=1, logger=False,
+        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+        use_distributed_sampler=False,
     )
-    trainer.fit(Faulty(mode, rank, step), loader(16, 1))
+    batches = 16 if not uneven else 4 + (step if int(os.environ.get("LOCAL_RANK", "0")) == rank else 0)
+    trainer.fit(Faulty(mode, rank, step), loader(batches, 1))
     print(f"rank {trainer.global_rank}: finished at step {trainer.global_step}", flush=True)
 
 

@@ -144,3 +144,44 @@ def test_a_full_disk_is_named(tmp_path, monkeypatch) -> None:
     with pytest.raises(OSError, match="No space left on device") as caught:
         _write_durably(str(tmp_path / "file.pt"), torch_zip_writer)
     assert caught.value.errno == errno.ENOSPC and "unexpected pos" in str(caught.value)
+
+
+# ---------------------------------------------------------------------------------------------- in-place casts
+class CastsItsWeight(LitTiny):
+    """A module that replaces its own weight after the forward, or casts it after backward."""
+
+    def __init__(self, how: str) -> None:
+        super().__init__("adamw")
+        self.how = how
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        loss = super().training_step(batch, batch_idx)
+        if self.how == "replace":
+            weight = next(self.net.parameters())
+            weight.data = weight.data.clone()
+        return loss
+
+    def on_after_backward(self) -> None:
+        if self.how == "cast":
+            weight = next(self.net.parameters())
+            weight.data = weight.data.double()
+
+
+def fit_casting(stage: int, how: str) -> str:
+    fit = trainer(ZeroStrategy(stage=stage, bucket_numel=150), max_steps=2)
+    try:
+        fit.fit(CastsItsWeight(how), loader(2, 1))
+    except RuntimeError as exc:
+        return str(exc)
+    return "no error"
+
+
+@pytest.mark.parametrize("stage", [1, 2, 3])
+def test_a_module_that_replaces_its_weight_is_named_on_the_first_step(pools, stage: int) -> None:
+    name = next(n for n, _ in LitTiny("adamw").named_parameters())
+    # Stage 3 points the parameters at its gathered buffers again before backward, which undoes a
+    # replacement made during forward (harmless); a cast after backward reaches the step.
+    for how in ("cast",) if stage == 3 else ("replace", "cast"):
+        errors = pools(2).run(fit_casting, stage, how)
+        print(errors[0])
+        assert all(f"{name} is no longer the tensor ZeRO trains" in e and "Cast the inputs" in e for e in errors)

@@ -20,6 +20,7 @@ Worked example, two ranks, one bucket of four elements::
 
 from __future__ import annotations
 
+import sys
 from collections import Counter
 from collections.abc import Iterable
 from typing import Any
@@ -29,6 +30,7 @@ import torch.distributed as dist
 from torch.distributed import ProcessGroup, Work
 
 from lightning_zero.config import CommPath
+from lightning_zero.sharding.whereabouts import describe_ranks
 
 __all__ = [
     "CollectiveError",
@@ -61,20 +63,32 @@ def _count(kind: str, tensor: torch.Tensor, factor: int = 1) -> None:
     traffic[kind] += factor * tensor.numel() * tensor.element_size()
 
 
-def wait_all(works: Iterable[Work | None]) -> None:
-    """Wait for ``works`` and keep their handles until the next call (see the note above)."""
+def wait_all(works: Iterable[Work | None], what: str = "") -> None:
+    """Wait for ``works`` (``what`` they are, for the error) and keep their handles until the next call
+    (see the note above). A failure says where every rank was (see [Note: whereabouts])."""
     global _kept
     waited = [work for work in works if work is not None]
     try:
         for work in waited:
             work.wait()
     except RuntimeError as exc:  # DistBackendError and gloo's connection errors
-        raise CollectiveError(
-            f"a collective failed on rank {dist.get_rank()}: {exc}. Another rank most likely raised, died or "
-            "stopped answering (its own error, if any, is in its output); this rank stops instead of waiting. "
-            "ZeroStrategy(timeout=...) bounds the wait for a rank that hangs."
-        ) from exc
+        raise _failed(exc, what or "a collective") from exc
     _kept = waited
+
+
+def _failed(exc: BaseException, what: str) -> CollectiveError:
+    """The error for a collective that failed on this rank while it waited for ``what``. Said at once on
+    stderr too: asking the other ranks takes up to seconds, and Lightning's launcher kills every process
+    as soon as it sees a child die."""
+    print(f"a collective failed on rank {dist.get_rank()} while waiting for {what}: {exc} (asking the other "
+          "ranks where they were)", file=sys.stderr, flush=True)
+    ranks = describe_ranks(what)
+    return CollectiveError(
+        f"a collective failed on rank {dist.get_rank()}: {exc}. "
+        + (f"Where the ranks were: {ranks}. " if ranks else "")
+        + "A rank that raised prints its own error; this rank stops instead of waiting. "
+        "ZeroStrategy(timeout=...) bounds the wait for a rank that hangs."
+    )
 
 # torch 2.13 renamed the tensor forms; fall back so older floors keep working.
 _reduce_scatter = getattr(dist, "reduce_scatter_single", dist.reduce_scatter_tensor)
@@ -284,11 +298,14 @@ def all_reduce(tensor: torch.Tensor, op: dist.ReduceOp, group: ProcessGroup | No
     wait_all([dist.all_reduce(tensor, op=op, group=group, async_op=True)])
 
 
-def all_gather_objects(obj: Any, group: ProcessGroup | None) -> list[Any]:
-    """Every rank's ``obj`` (small, picklable metadata only), in rank order."""
+def all_gather_objects(obj: Any, group: ProcessGroup | None, what: str = "") -> list[Any]:
+    """Every rank's ``obj`` (small, picklable metadata only), in rank order; ``what`` it is, for the error."""
     world = dist.get_world_size(group)
     gathered: list[Any] = [None] * world
-    dist.all_gather_object(gathered, obj, group=group)
+    try:
+        dist.all_gather_object(gathered, obj, group=group)
+    except RuntimeError as exc:
+        raise _failed(exc, what or "the other ranks' metadata") from exc
     return gathered
 
 

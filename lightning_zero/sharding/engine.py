@@ -161,6 +161,7 @@ class ZeroEngine:
             device=self.device,
         )
         self._flags: _StepFlags | None = None
+        self._checked_in_place = False  # the first step checks the parameters are still the buckets' views
         #: Set by the precision plugin before backward: whether this window's loss was not finite (a device
         #: flag, read in the step's one flag exchange).
         self.loss_nonfinite: torch.Tensor | bool = False
@@ -344,6 +345,24 @@ class ZeroEngine:
         assert self._flags is not None
         return self._flags.loss_nonfinite, self._flags.grad_nonfinite
 
+    def _check_params_in_place(self) -> None:
+        """Raise if the module replaced or cast one of its parameters after setup (``.data = ...``, ``.to()``,
+        ``.half()`` in forward): the engine would step its own buffers and the module would not see it."""
+        for bucket in self.buckets:
+            if not bucket.is_flat:
+                continue
+            storage = bucket.flat.untyped_storage().data_ptr()
+            for index, param in zip(bucket.plan.params, bucket.params):
+                if param.dtype != bucket.flat.dtype or param.untyped_storage().data_ptr() != storage:
+                    fqn = self.layout.params[index].fqn
+                    raise RuntimeError(
+                        f"{fqn} is no longer the tensor ZeRO trains (it is now a {param.dtype} tensor of its own, "
+                        f"ZeRO's is {bucket.flat.dtype}): the module replaced or cast its own parameter after setup "
+                        "(`.data = ...`, `.to()`, `.half()`, `.double()` in forward or a hook), and its updates "
+                        "would be lost. Cast the inputs instead, or change the module before the Trainer sets "
+                        "it up."
+                    )
+
     def nonfinite_params(self) -> list[str]:
         """Names of the parameters whose reduced gradient slice is not finite on any rank (a collective: call
         it on every rank, after ``nonfinite_ranks``)."""
@@ -417,6 +436,9 @@ class ZeroEngine:
                 loss = closure()
         self.reduce_gradients()
         assert self._flags is not None
+        if not self._checked_in_place:
+            self._check_params_in_place()
+            self._checked_in_place = True
         if self.offload:
             for bucket in self.trainable_buckets:
                 assert bucket.host_grad is not None and bucket.grad_shard is not None
