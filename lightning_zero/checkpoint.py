@@ -44,6 +44,7 @@ from typing import IO, Any
 
 import torch
 import torch.distributed as dist
+from lightning_utilities.core.apply_func import apply_to_collection
 from torch.distributed import ProcessGroup
 
 from lightning_zero.sharding.collectives import all_gather_objects
@@ -137,8 +138,9 @@ def agree(error: str | None, group: ProcessGroup | None) -> None:
 # other's staging directory as garbage. Rank 0 therefore creates ``PATH.lock`` beside the checkpoint with
 # O_EXCL before touching anything, holding its host, process id, job id and start time, and removes it
 # when the save ends, committed or failed. A second writer finds the lock and fails on every rank naming
-# the first; the first commits intact. A lock whose writer is dead (same host, no such process) or older
-# than ``_STALE_LOCK_S`` (another host) is a leftover of a killed save: it is removed and the save goes on.
+# the first; the first commits intact. A lock is a leftover of a killed save, removed before the save goes
+# on, when its job id is this job's (a requeued SLURM job), its writer is this process or no longer runs
+# on this host, or it is older than ``_STALE_LOCK_S`` (another host, whose processes this one cannot see).
 _STALE_LOCK_S = 6 * 3600.0
 
 
@@ -183,7 +185,12 @@ def _read_lock(lock: str) -> dict[str, Any] | None:
 
 
 def _is_stale(holder: Mapping[str, Any]) -> bool:
+    job = next((os.environ[k] for k in ("SLURM_JOB_ID", "TORCHELASTIC_RUN_ID") if k in os.environ), None)
+    if job is not None and holder.get("job") == job:
+        return True  # this job's own leftover (a requeued job keeps its id; it cannot run twice at once)
     if holder.get("host") == socket.gethostname():
+        if holder.get("pid") == os.getpid():
+            return True  # this process's own leftover (a restarted container reusing the pid, say)
         try:
             os.kill(int(holder.get("pid", -1)), 0)
         except ProcessLookupError:
@@ -415,14 +422,16 @@ def fill_from_shards(meta: dict[str, Any], params: Mapping[str, torch.Tensor]) -
         meta["current_model_state"] = {**params, **meta["current_model_state"]}
 
 
-def consolidate_checkpoint(path: str | os.PathLike[str], optimizer: bool = False) -> dict[str, Any]:
+def consolidate_checkpoint(path: str | os.PathLike[str], optimizer: bool = False,
+                           weights_only: bool = False) -> dict[str, Any]:
     """A plain Lightning checkpoint dict from a sharded one, in this process, without ``torch.distributed``:
     ``state_dict`` holds whole fp32 tensors (master precision), so ``MyModule.load_from_checkpoint`` and
     plain ``ddp`` load it. ``optimizer=True`` also consolidates the optimizer state (torch's format);
-    otherwise ``optimizer_states`` is dropped and the result is a weights-only checkpoint."""
+    otherwise ``optimizer_states`` is dropped and the result is a weights-only checkpoint. ``weights_only``
+    unpickles the metadata as ``torch.load(weights_only=True)`` does."""
     checkpoint = ShardedCheckpoint(path)
     checkpoint.check()
-    meta = checkpoint.load_meta()
+    meta = checkpoint.load_meta(weights_only=weights_only)
     if optimizer and not checkpoint.has_optimizer:
         raise CheckpointError(f"checkpoint {checkpoint.path} was saved without optimizer state (weights only)")
     full = to_full_state_dict(checkpoint.source(optimizer), checkpoint.manifest.get("aliases"), optimizer)
@@ -446,8 +455,11 @@ def consolidate_checkpoint(path: str | os.PathLike[str], optimizer: bool = False
 def _sharded_aware(load: Callable[..., Any], optimizer: bool) -> Callable[..., Any]:
     def pl_load(path_or_url: Any, map_location: Any = None, weights_only: bool | None = None) -> Any:
         if isinstance(path_or_url, (str, os.PathLike)) and is_sharded_checkpoint(path_or_url):
-            return consolidate_checkpoint(path_or_url, optimizer=optimizer and ShardedCheckpoint(
-                path_or_url).has_optimizer)
+            loaded = consolidate_checkpoint(path_or_url, optimizer=optimizer and ShardedCheckpoint(
+                path_or_url).has_optimizer, weights_only=bool(weights_only))
+            if isinstance(map_location, (str, torch.device)):  # the device form; tensors are on the CPU
+                loaded = apply_to_collection(loaded, torch.Tensor, lambda t: t.to(map_location))
+            return loaded
         return load(path_or_url, map_location=map_location, weights_only=weights_only)
 
     pl_load.lightning_zero = True  # type: ignore[attr-defined]

@@ -442,7 +442,10 @@ class ZeroStrategy(DDPStrategy):
             raise CheckpointError(error)
         assert checkpoint is not None
         loaded = checkpoint.load_meta(weights_only=bool(weights_only))
-        if "current_model_state" in loaded:  # a weight-averaging callback reads the module's state from it
+        # Stages 1-2 restore before setup into the whole module: the user's ``on_load_checkpoint`` then sees
+        # (and may edit) the whole state, as under ddp. A weight-averaging callback reads the module's own
+        # state from ``current_model_state``, under any stage.
+        if self.config.stage < 3 or "current_model_state" in loaded:
             fill_from_shards(loaded, to_full_state_dict(checkpoint.source(optimizer=False),
                                                         checkpoint.manifest.get("aliases"), optimizer=False)["params"])
         loaded[_SHARDS] = checkpoint
@@ -462,9 +465,10 @@ class ZeroStrategy(DDPStrategy):
         assert self.lightning_module is not None
         state = dict(checkpoint["state_dict"])
         shards: ShardedCheckpoint | None = checkpoint.get(_SHARDS)
-        if not self.engines:  # before setup (stages 1-2): into the whole module, as under ddp
+        live = [engine for engine in self.engines if engine.module is self.lightning_module]
+        if not live:  # no engine for this module (before setup, or a run without an optimizer): into it whole
             origin = shards.path if shards is not None else "the checkpoint"
-            if shards is not None:
+            if shards is not None and self.config.stage == 3:  # stages 1-2: load_checkpoint filled it already
                 whole = {"state_dict": state}
                 fill_from_shards(whole, to_full_state_dict(shards.source(optimizer=False),
                                                            shards.manifest.get("aliases"), optimizer=False)["params"])
@@ -474,7 +478,7 @@ class ZeroStrategy(DDPStrategy):
             except RuntimeError as exc:
                 raise CheckpointError(f"{origin} does not match this model: {exc}") from exc
             return
-        engine = self.engines[0]
+        engine = live[0]
         names = self._layout_names()
         origin = shards.path if shards is not None else "the checkpoint"
         # Whole weights in the state dict win over the shards: a callback put them there (EMA's average).

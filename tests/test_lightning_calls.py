@@ -150,3 +150,25 @@ def test_ema_weight_averaging_resumes_as_under_ddp(pools, tmp_path) -> None:
         assert got["val"] == pytest.approx(reference["val"], rel=1e-6, abs=0)
         for name, value in reference["final"].items():
             assert torch.allclose(got["final"][name], value, rtol=1e-5, atol=1e-7), (kind, name)
+
+
+def fresh_after_fit(tmp: str, kind: str) -> bool:
+    """The same Trainer fits one module, then tests a fresh one from the saved checkpoint: the fresh one
+    must get the saved weights (not the engines of the fit before)."""
+    path = os.path.join(tmp, f"again-{kind}.ckpt")
+    fit = trainer(_strategy(kind), max_steps=3)
+    trained = LitLoops("adamw")
+    fit.fit(trained, loader(3, 1))
+    fit.save_checkpoint(path)
+    expected = {k: v.clone() for k, v in trained.state_dict().items()}
+    fresh = LitLoops("adamw")
+    with torch.no_grad():
+        for param in fresh.parameters():
+            param.add_(1.0)
+    fit.test(fresh, loader(1, 1), ckpt_path=path, verbose=False)
+    return all(torch.allclose(fresh.state_dict()[k], v) for k, v in expected.items())
+
+
+@pytest.mark.parametrize("kind", ["zero1", "zero2", "zero3"])
+def test_a_second_module_loads_the_checkpoint_not_the_first(pools, tmp_path, kind: str) -> None:
+    assert all(pools(2).run(fresh_after_fit, str(tmp_path), kind))

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 from typing import Any
 
@@ -316,3 +317,36 @@ def test_bf16_mixed_100_step_loss_tracks_fp32(pools) -> None:
           f"({end16 / end32 - 1:+.2%})")
     assert end32 < 0.6 * fp32[0]  # it learned
     assert abs(end16 - end32) <= LOSS_MARGIN * end32
+
+
+# ---------------------------------------------------------------------------------------------- fp32 kept
+def kept_dtypes(built: str) -> dict[str, tuple[str, str]]:
+    """(storage, master) dtype of each parameter's bucket under bf16-mixed, for a model built whole in fp32,
+    under ``sharded_init`` (stage 3), or already in bf16."""
+    from lightning_zero.sharding.init import sharded_init
+
+    torch.manual_seed(0)
+    context = sharded_init() if built == "sharded_init" else contextlib.nullcontext()
+    with context:
+        model = nn.Sequential(nn.Embedding(16, 8), nn.Linear(8, 8), nn.LayerNorm(8))
+    if built == "bf16":
+        model = model.to(torch.bfloat16)
+    engine = ZeroEngine(model, torch.optim.AdamW(model.parameters()), ZeroConfig(stage=3 if built != "whole" else 2),
+                        dtypes=PrecisionPolicy.from_precision("bf16-mixed").slots())
+    out = {}
+    for record in engine.layout.params:
+        slots = engine.layout.buckets[record.bucket].dtypes
+        out[record.fqn] = (str(slots.storage).removeprefix("torch."), str(slots.master).removeprefix("torch."))
+    engine.close()
+    return out
+
+
+def test_mixed_precision_keeps_what_autocast_never_casts_in_fp32(pools) -> None:
+    for built in ("whole", "sharded_init"):  # a placeholder's true shape decides, not its empty one
+        got = pools(2).run(kept_dtypes, built)[0]
+        assert got["1.weight"] == ("bfloat16", "float32"), (built, got)  # a matrix autocast casts
+        for name in ("0.weight", "1.bias", "2.weight", "2.bias"):  # embedding, vector, norm
+            assert got[name] == ("float32", "float32"), (built, name, got)
+    # Parameters already in bf16 keep an fp32 master slice (nothing in fp32 to keep).
+    got = pools(2).run(kept_dtypes, "bf16")[0]
+    assert all(dtypes == ("bfloat16", "float32") for dtypes in got.values()), got

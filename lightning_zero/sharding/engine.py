@@ -124,10 +124,13 @@ class ZeroEngine:
             for param in list(chunks):
                 param.data = self._assemble([param], [chunks.pop(param)])[0]
         self._chunks = chunks
-        mixed = dtypes is not None and dtypes.storage.itemsize < dtypes.master.itemsize
+        shapes = {p: c.shape for p, c in chunks.items()}
+        own_dtype: set[torch.nn.Parameter] = set()
+        if dtypes is not None and dtypes.storage.itemsize < dtypes.master.itemsize:  # *-mixed
+            # Only those already in the master dtype: a 16-bit one keeps its fp32 master slice.
+            own_dtype = {p for p in full_precision_params(module, shapes) if p.dtype == dtypes.master}
         self.layout: Layout = plan_layout(named, self.world_size, grouping, group_of, dtypes, aliases,
-                                          shapes={p: c.shape for p, c in chunks.items()},
-                                          own_dtype=full_precision_params(module) if mixed else ())
+                                          shapes=shapes, own_dtype=own_dtype)
         self._check_ranks_agree()
         self.params: list[torch.nn.Parameter] = [param for _, param in named]
         self.comm = Comm(process_group, self.device, self.config.comm,

@@ -144,11 +144,14 @@ class Grouping(Protocol):
     def split(self, candidates: Sequence[_Candidate]) -> list[tuple[str, list[_Candidate]]]: ...
 
 
-def full_precision_params(module: torch.nn.Module) -> set[torch.nn.Parameter]:
+def full_precision_params(module: torch.nn.Module,
+                          shapes: Mapping[torch.nn.Parameter, torch.Size] | None = None) -> set[torch.nn.Parameter]:
     """The parameters a ``*-mixed`` policy keeps in fp32 (autocast never casts them): those of norm modules
-    and embeddings, and every parameter with at most one dimension; see [Note: fp32 norms, vectors and
-    embeddings under mixed precision]."""
-    kept = {param for param in module.parameters() if param.ndim <= 1}
+    and embeddings, and every parameter with at most one dimension (``shapes``: the true shapes of empty
+    placeholders built under ``sharded_init``); see [Note: fp32 norms, vectors and embeddings under mixed
+    precision]."""
+    shapes = shapes or {}
+    kept = {param for param in module.parameters() if len(shapes.get(param, param.shape)) <= 1}
     for child in module.modules():
         if isinstance(child, _KEPT_MODULES):
             kept.update(child.parameters(recurse=False))

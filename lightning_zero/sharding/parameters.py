@@ -120,7 +120,7 @@ def _tensors_in(output: object, depth: int = 3) -> list[torch.Tensor]:
     for leaf in tree_leaves(output):
         if isinstance(leaf, torch.Tensor):
             found.append(leaf)
-        elif depth > 0 and leaf is not None and not isinstance(leaf, (str, bytes, int, float, bool)):
+        elif depth > 0 and leaf is not None and not isinstance(leaf, (str, bytes, int, float, bool, torch.nn.Module)):
             fields = vars(leaf) if hasattr(leaf, "__dict__") else {}
             if dataclasses.is_dataclass(leaf):
                 fields = {f.name: getattr(leaf, f.name, None) for f in dataclasses.fields(leaf)}
@@ -254,7 +254,7 @@ class ParameterSharder:
             backward_follows = False
             if torch.is_grad_enabled():
                 for tensor in _tensors_in(output):
-                    if tensor.requires_grad:
+                    if tensor.grad_fn is not None:  # made by this forward (not a parameter passed through)
                         tensor.register_hook(self._pre_backward(needed))
                         backward_follows = True
                 if not backward_follows and any(p.requires_grad for p in module.parameters()):
