@@ -349,22 +349,28 @@ class ZeroEngine:
         return self._flags.loss_nonfinite, self._flags.grad_nonfinite
 
     def _check_params_in_place(self) -> None:
-        """Raise if the module replaced or cast one of its parameters after setup (``.data = ...``, ``.to()``,
-        ``.half()`` in forward): the engine would step its own buffers and the module would not see it."""
+        """Raise on every rank if the module replaced or cast one of its parameters after setup on any rank
+        (``.data = ...``, ``.to()``, ``.half()`` in forward): the engine would step its own buffers and the
+        module would not see it. One object all-gather, on the first step only."""
+        found = None
         for bucket in self.buckets:
-            if not bucket.is_flat:
+            if not bucket.is_flat or found is not None:
                 continue
             storage = bucket.flat.untyped_storage().data_ptr()
             for index, param in zip(bucket.plan.params, bucket.params):
                 if param.dtype != bucket.flat.dtype or param.untyped_storage().data_ptr() != storage:
-                    fqn = self.layout.params[index].fqn
-                    raise RuntimeError(
-                        f"{fqn} is no longer the tensor ZeRO trains (it is now a {param.dtype} tensor of its own, "
-                        f"ZeRO's is {bucket.flat.dtype}): the module replaced or cast its own parameter after setup "
-                        "(`.data = ...`, `.to()`, `.half()`, `.double()` in forward or a hook), and its updates "
-                        "would be lost. Cast the inputs instead, or change the module before the Trainer sets "
-                        "it up."
-                    )
+                    found = (self.layout.params[index].fqn, str(param.dtype), str(bucket.flat.dtype))
+                    break
+        reports = all_gather_objects(found, self.group, what="every rank's check of its parameters")
+        for rank, report in enumerate(reports):
+            if report is not None:
+                fqn, now, ours = report
+                raise RuntimeError(
+                    f"{fqn} is no longer the tensor ZeRO trains on rank {rank} (it is now a {now} tensor of its own, "
+                    f"ZeRO's is {ours}): the module replaced or cast its own parameter after setup (`.data = ...`, "
+                    "`.to()`, `.half()`, `.double()` in forward or a hook), and its updates would be lost. Cast the "
+                    "inputs instead, or change the module before the Trainer sets it up."
+                )
 
     def nonfinite_params(self) -> list[str]:
         """Names of the parameters whose reduced gradient slice is not finite on any rank (a collective: call
