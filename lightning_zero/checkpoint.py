@@ -152,7 +152,7 @@ def _acquire(path: str, version: str) -> str:
     """Rank 0: take ``path``'s writer lock or raise naming the live writer that holds it."""
     lock = _lock_path(path)
     owner = {"host": socket.gethostname(), "pid": os.getpid(), "version": version, "started": time.time(),
-             "job": next((os.environ[k] for k in ("SLURM_JOB_ID", "TORCHELASTIC_RUN_ID") if k in os.environ), None)}
+             "job": _job_id()}
     os.makedirs(os.path.dirname(lock) or ".", exist_ok=True)
     for _ in range(2):
         try:
@@ -184,8 +184,12 @@ def _read_lock(lock: str) -> dict[str, Any] | None:
         return None  # unreadable or half-written: treated as stale
 
 
+def _job_id() -> str | None:
+    return next((os.environ[k] for k in ("SLURM_JOB_ID", "TORCHELASTIC_RUN_ID") if k in os.environ), None)
+
+
 def _is_stale(holder: Mapping[str, Any]) -> bool:
-    job = next((os.environ[k] for k in ("SLURM_JOB_ID", "TORCHELASTIC_RUN_ID") if k in os.environ), None)
+    job = _job_id()
     if job is not None and holder.get("job") == job:
         return True  # this job's own leftover (a requeued job keeps its id; it cannot run twice at once)
     if holder.get("host") == socket.gethostname():
@@ -373,6 +377,10 @@ class ShardedCheckpoint:
     @property
     def has_optimizer(self) -> bool:
         return bool(self.manifest.get("optimizer_state"))
+
+    def whole_params(self) -> dict[str, torch.Tensor]:
+        """Every parameter whole, by name (aliases included), at master precision, on the CPU."""
+        return to_full_state_dict(self.source(optimizer=False), self.manifest.get("aliases"), optimizer=False)["params"]
 
     def source(self, optimizer: bool) -> PieceSource:
         """The saved slices as a ``StateSource``; files are opened when a range needs them."""

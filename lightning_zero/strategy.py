@@ -42,7 +42,7 @@ from lightning_zero.precision import ZeroPrecision
 from lightning_zero.sharding.collectives import CollectiveError, broadcast_coalesced, wait_all
 from lightning_zero.sharding.engine import ZeroEngine
 from lightning_zero.sharding.init import sharded_init
-from lightning_zero.sharding.state import FullSource, StateSource, to_full_state_dict
+from lightning_zero.sharding.state import FullSource, StateSource
 from lightning_zero.sharding.whereabouts import mark, publish, start_fit
 
 __all__ = ["ZeroStrategy"]
@@ -446,8 +446,7 @@ class ZeroStrategy(DDPStrategy):
         # (and may edit) the whole state, as under ddp. A weight-averaging callback reads the module's own
         # state from ``current_model_state``, under any stage.
         if self.config.stage < 3 or "current_model_state" in loaded:
-            fill_from_shards(loaded, to_full_state_dict(checkpoint.source(optimizer=False),
-                                                        checkpoint.manifest.get("aliases"), optimizer=False)["params"])
+            fill_from_shards(loaded, checkpoint.whole_params())
         loaded[_SHARDS] = checkpoint
         return loaded
 
@@ -469,10 +468,7 @@ class ZeroStrategy(DDPStrategy):
         if not live:  # no engine for this module (before setup, or a run without an optimizer): into it whole
             origin = shards.path if shards is not None else "the checkpoint"
             if shards is not None and self.config.stage == 3:  # stages 1-2: load_checkpoint filled it already
-                whole = {"state_dict": state}
-                fill_from_shards(whole, to_full_state_dict(shards.source(optimizer=False),
-                                                           shards.manifest.get("aliases"), optimizer=False)["params"])
-                state = whole["state_dict"]
+                state = {**shards.whole_params(), **state}  # whole weights already in the state dict win
             try:
                 self.lightning_module.load_state_dict(state, strict=strict)
             except RuntimeError as exc:
