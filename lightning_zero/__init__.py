@@ -1,10 +1,12 @@
 """lightning-zero: ZeRO for PyTorch Lightning on plain torch.distributed.
 
 Importing the package registers the strategy names ("zero1", "zero2", "zero3", "zero2_spawn", "zero2_offload", ...) with
-Lightning's ``StrategyRegistry``, so ``Trainer(strategy="zero2")`` works after ``import lightning_zero``, and
+Lightning's and Fabric's strategy registries, so ``Trainer(strategy="zero2")`` and ``Fabric(strategy="zero2")``
+work after ``import lightning_zero``, and
 lets Lightning's checkpoint loaders (``LitModel.load_from_checkpoint``, plain ``ddp``) read sharded checkpoints.
 """
 
+from lightning.fabric.strategies import STRATEGY_REGISTRY as FABRIC_STRATEGY_REGISTRY
 from lightning.pytorch.strategies import StrategyRegistry
 
 from lightning_zero.checkpoint import (
@@ -15,6 +17,7 @@ from lightning_zero.checkpoint import (
     is_sharded_checkpoint,
 )
 from lightning_zero.config import PrecisionPolicy, ZeroConfig
+from lightning_zero.fabric import ZeroFabricPrecision, ZeroFabricStrategy
 from lightning_zero.loss_scaler import DynamicLossScaler, LossScaleAtMinimumError
 from lightning_zero.memory import HostBytes, ModelStateBytes, model_state_bytes
 from lightning_zero.precision import ZeroPrecision
@@ -26,6 +29,8 @@ __version__ = "0.1.0"
 
 if "zero2" not in StrategyRegistry:
     ZeroStrategy.register_strategies(StrategyRegistry)
+if "zero2" not in FABRIC_STRATEGY_REGISTRY:  # Fabric(strategy="zero2"): the same names, options and engine
+    ZeroFabricStrategy.register_strategies(FABRIC_STRATEGY_REGISTRY)
 install_loaders()  # LitModel.load_from_checkpoint(sharded_dir) and plain ddp read sharded checkpoints
 
 __all__ = [
@@ -42,6 +47,8 @@ __all__ = [
     "ShardedCheckpoint",
     "ZeroConfig",
     "ZeroEngine",
+    "ZeroFabricPrecision",
+    "ZeroFabricStrategy",
     "ZeroMeasurement",
     "ZeroPrecision",
     "ZeroReport",

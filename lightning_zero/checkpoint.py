@@ -40,7 +40,7 @@ import zlib
 from collections.abc import Callable, Mapping
 from datetime import timedelta
 from functools import cached_property
-from typing import IO, Any
+from typing import IO, TYPE_CHECKING, Any
 
 import torch
 import torch.distributed as dist
@@ -48,11 +48,21 @@ from lightning_utilities.core.apply_func import apply_to_collection
 from torch.distributed import ProcessGroup
 
 from lightning_zero.sharding.collectives import all_gather_objects
-from lightning_zero.sharding.state import Piece, PieceSource, to_full_state_dict
+from lightning_zero.sharding.state import FullSource, Piece, PieceSource, StateSource, to_full_state_dict
+
+if TYPE_CHECKING:
+    from lightning_zero.sharding.engine import ZeroEngine
 
 __all__ = [
     "CheckpointError",
     "agree",
+    "as_trainer_checkpoint",
+    "engine_shards",
+    "layout_names",
+    "restore_module",
+    "restore_optimizer",
+    "open_sharded",
+    "saved_entries",
     "ShardedCheckpoint",
     "consolidate_checkpoint",
     "is_sharded_checkpoint",
@@ -421,34 +431,168 @@ def named_optimizer_state(state: Mapping[str, Any], names: list[list[str]]) -> d
     return {"state": {name_of[n]: dict(values) for n, values in state["state"].items()}, "param_groups": groups}
 
 
-def fill_from_shards(meta: dict[str, Any], params: Mapping[str, torch.Tensor]) -> None:
-    """Put the shards' whole ``params`` where a plain checkpoint holds the module's weights. Whole tensors a
-    callback already put into ``state_dict`` win (``EMAWeightAveraging`` saves its average there, and keeps
-    the module's own state in ``current_model_state``, which then gets the shards' values)."""
-    meta["state_dict"] = {**params, **meta.get("state_dict", {})}
+# [Note: one format for the Trainer and Fabric]
+# The Trainer's checkpoint dict keeps the module's state under "state_dict" and the optimizer's under
+# "optimizer_states" (a list); a Fabric checkpoint keeps them under the user's own keys ({"model": model,
+# "optimizer": optimizer, "step": 3}). A sharded checkpoint saved by Fabric records those keys in its manifest
+# ("entries"), so each loader finds the module's and the optimizer's entries whichever front end saved them:
+# the Trainer renames them to its own keys (``as_trainer_checkpoint``), Fabric maps them onto the keys the user
+# asks for, and ``consolidate_checkpoint`` fills the whole weights in under the key they were saved with.
+TRAINER_ENTRIES = {"module": "state_dict", "optimizer": "optimizer_states"}
+
+
+def saved_entries(manifest: Mapping[str, Any]) -> dict[str, str | None]:
+    """The keys under which a checkpoint holds its module's state and its optimizer's (None: none)."""
+    return dict(manifest.get("entries") or TRAINER_ENTRIES)
+
+
+def as_trainer_checkpoint(meta: dict[str, Any], manifest: Mapping[str, Any]) -> dict[str, Any]:
+    """``meta`` with the module's and optimizer's entries under the Trainer's keys (a Fabric save renamed)."""
+    entries = saved_entries(manifest)
+    if entries == TRAINER_ENTRIES:
+        return meta
+    meta = dict(meta)
+    module_key, optimizer_key = entries["module"], entries.get("optimizer")
+    if module_key is not None:
+        meta["state_dict"] = meta.pop(module_key, {})
+    if optimizer_key is not None and optimizer_key in meta:
+        meta["optimizer_states"] = [meta.pop(optimizer_key)]
+    return meta
+
+
+def fill_from_shards(meta: dict[str, Any], params: Mapping[str, torch.Tensor], key: str = "state_dict") -> None:
+    """Put the shards' whole ``params`` where a plain checkpoint holds the module's weights (``key``). Whole
+    tensors a callback already put there win (``EMAWeightAveraging`` saves its average there, and keeps the
+    module's own state in ``current_model_state``, which then gets the shards' values)."""
+    meta[key] = {**params, **meta.get(key, {})}
     if isinstance(meta.get("current_model_state"), Mapping):
         meta["current_model_state"] = {**params, **meta["current_model_state"]}
 
 
+def engine_shards(engine: ZeroEngine | None, stage: int, optimizer: bool,
+                  entries: Mapping[str, str | None] | None = None) -> tuple[dict[str, Any], dict[str, Any]]:
+    """This rank's slices of ``engine`` (with its optimizer state when ``optimizer``) and the manifest entries
+    that describe them, for ``save_sharded``. ``entries``: where the module's and optimizer's states sit in the
+    checkpoint dict, when not the Trainer's keys."""
+    local: dict[str, Any] = {"pieces": [], "whole": {}, "param_groups": None}
+    manifest: dict[str, Any] = {"stage": stage, "optimizer_state": optimizer and engine is not None,
+                                "optimizer": None, "shapes": {}, "aliases": {}}
+    if entries is not None:
+        manifest["entries"] = dict(entries)
+    if engine is not None:
+        local = engine.local_state_dict(optimizer=optimizer)
+        manifest.update(
+            optimizer=type(engine.optimizer.optimizer).__qualname__,
+            shapes={r.fqn: list(r.shape) for r in engine.layout.params},
+            aliases={r.fqn: list(r.aliases) for r in engine.layout.params if r.aliases},
+        )
+    return local, manifest
+
+
+def open_sharded(path: str | os.PathLike[str], rank: int, world_size: int,
+                 group: ProcessGroup | None) -> ShardedCheckpoint:
+    """Open a sharded checkpoint on every rank: each checks the CRCs of a share of the files, and a failure
+    anywhere raises on every rank (a collective when ``torch.distributed`` runs)."""
+    error, checkpoint = None, None
+    try:
+        checkpoint = ShardedCheckpoint(path)
+        checkpoint.check(verify=lambda position: position % world_size == rank)
+    except CheckpointError as exc:
+        error = str(exc)
+    if dist.is_available() and dist.is_initialized():
+        agree(error, group)
+    elif error:
+        raise CheckpointError(error)
+    assert checkpoint is not None
+    return checkpoint
+
+
+def layout_names(engines: list[ZeroEngine]) -> set[str]:
+    """The state-dict names (aliases included) of every parameter the engines hold."""
+    return {name for engine in engines for r in engine.layout.params for name in (r.fqn, *r.aliases)}
+
+
+def restore_module(module: torch.nn.Module, engine: ZeroEngine | None, state: Mapping[str, Any],
+                   shards: ShardedCheckpoint | None, strict: bool, fill_whole: bool = True) -> None:
+    """Load a module's saved ``state`` (whole tensors from a file; buffers only from a sharded checkpoint,
+    whose ``shards`` hold the parameters) into ``module``, or into ``engine``'s slices when one shards it.
+    Whole weights in ``state`` win over the shards (a callback put them there: EMA's average).
+    ``fill_whole=False``: ``state`` already holds the shards' whole weights."""
+    origin = shards.path if shards is not None else "the checkpoint"
+    state = dict(state)
+    if engine is None:  # nobody shards this module (before setup, or no optimizer): load it whole
+        if shards is not None and fill_whole:
+            state = {**shards.whole_params(), **state}
+        try:
+            module.load_state_dict(state, strict=strict)
+        except RuntimeError as exc:
+            raise CheckpointError(f"{origin} does not match this model: {exc}") from exc
+        return
+    names = layout_names([engine])
+    whole = {k: v for k, v in state.items() if k in names}
+    source: StateSource = shards.source(optimizer=False) if shards is not None and not whole else FullSource(
+        {"params": whole})
+    try:
+        engine.check_source(source, optimizer=False)
+    except ValueError as exc:
+        raise CheckpointError(f"{origin} does not match this model: {exc}") from exc
+    rest = {k: v for k, v in state.items() if k not in names}
+    missing, unexpected = module.load_state_dict(rest, strict=False)
+    missing = [k for k in missing if k not in names]
+    if strict and (missing or unexpected):
+        raise CheckpointError(f"{origin} does not match this model: missing {missing[:5]}, unexpected "
+                              f"{unexpected[:5]}")
+    engine.load_state(source, optimizer=False)
+
+
+def restore_optimizer(engine: ZeroEngine, state: Mapping[str, Any], shards: ShardedCheckpoint | None) -> None:
+    """Load an optimizer's saved ``state`` into ``engine``'s slices: from the ``shards``, or from a whole state
+    in torch's numbered form (``ddp``) or keyed by parameter name (a "full" ZeRO save)."""
+    origin = shards.path if shards is not None else "the checkpoint"
+    current = type(engine.optimizer.optimizer).__qualname__
+    if shards is not None:
+        saved = shards.manifest.get("optimizer")
+        if saved != current:
+            raise CheckpointError(f"{origin} holds {saved} state; this run's optimizer is {current}. "
+                                  "Resume with the same optimizer, or load the weights only.")
+        if not shards.has_optimizer:
+            raise CheckpointError(f"{origin} was saved without optimizer state (weights only)")
+        source: StateSource = shards.source(optimizer=True)
+    else:
+        groups = state.get("param_groups") or []
+        if groups and groups[0]["params"] and isinstance(groups[0]["params"][0], int):
+            state = named_optimizer_state(state, engine.optimizer.param_fqns)  # saved by ``ddp``
+        source = FullSource({"optimizer": state})
+    try:
+        engine.optimizer.load_state(source)
+    except ValueError as exc:
+        raise CheckpointError(f"{origin} holds another optimizer setup than {current}'s: {exc}") from exc
+
+
 def consolidate_checkpoint(path: str | os.PathLike[str], optimizer: bool = False,
                            weights_only: bool = False) -> dict[str, Any]:
-    """A plain Lightning checkpoint dict from a sharded one, in this process, without ``torch.distributed``:
-    ``state_dict`` holds whole fp32 tensors (master precision), so ``MyModule.load_from_checkpoint`` and
-    plain ``ddp`` load it. ``optimizer=True`` also consolidates the optimizer state (torch's format);
-    otherwise ``optimizer_states`` is dropped and the result is a weights-only checkpoint. ``weights_only``
-    unpickles the metadata as ``torch.load(weights_only=True)`` does."""
+    """A plain checkpoint dict from a sharded one, in this process, without ``torch.distributed``: the
+    module's entry (``state_dict`` for the Trainer, the user's key for Fabric) holds whole fp32 tensors
+    (master precision), so ``MyModule.load_from_checkpoint``, plain ``ddp`` and ``torch.load`` users read it.
+    ``optimizer=True`` also consolidates the optimizer state (torch's format); otherwise the optimizer's entry
+    is dropped and the result is a weights-only checkpoint. ``weights_only`` unpickles the metadata as
+    ``torch.load(weights_only=True)`` does."""
     checkpoint = ShardedCheckpoint(path)
     checkpoint.check()
     meta = checkpoint.load_meta(weights_only=weights_only)
     if optimizer and not checkpoint.has_optimizer:
         raise CheckpointError(f"checkpoint {checkpoint.path} was saved without optimizer state (weights only)")
+    entries = saved_entries(checkpoint.manifest)
     full = to_full_state_dict(checkpoint.source(optimizer), checkpoint.manifest.get("aliases"), optimizer)
-    fill_from_shards(meta, full["params"])
-    if optimizer:
-        meta["optimizer_states"] = [torch_optimizer_state(full["optimizer"])]
-    else:
-        meta.pop("optimizer_states", None)
-        meta.pop("lr_schedulers", None)
+    fill_from_shards(meta, full["params"], entries["module"] or "state_dict")
+    optimizer_key = entries.get("optimizer")
+    if optimizer and optimizer_key is not None:
+        state = torch_optimizer_state(full["optimizer"])
+        meta[optimizer_key] = [state] if optimizer_key == TRAINER_ENTRIES["optimizer"] else state
+    elif optimizer_key is not None:
+        meta.pop(optimizer_key, None)
+        if entries == TRAINER_ENTRIES:
+            meta.pop("lr_schedulers", None)
     return meta
 
 

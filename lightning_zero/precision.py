@@ -23,22 +23,19 @@ from lightning_zero.loss_scaler import DynamicLossScaler
 from lightning_zero.sharding.engine import ZeroEngine
 from lightning_zero.sharding.whereabouts import mark
 
-__all__ = ["ZeroPrecision"]
+__all__ = ["ZeroPrecision", "ZeroPrecisionCore"]
 
 
-class ZeroPrecision(Precision):
-    """Precision plugin for ``ZeroStrategy``; ``Trainer(precision=...)`` pairs it automatically.
+class ZeroPrecisionCore:
+    """What the Trainer's ``ZeroPrecision`` and Fabric's ``ZeroFabricPrecision`` share: the dtype policy,
+    autocast, fp16 loss scaling and the order of one sharded optimizer step. Not used on its own.
 
-    ``"bf16-mixed"`` / ``"16-mixed"``: parameters and gradients stored in the 16-bit dtype, autocast for
-    compute, fp32 master slices, buffers (BatchNorm statistics) left in fp32; after ``fit`` the module gets
-    whole fp32 weights back. ``"bf16-true"`` / ``"16-true"``: the whole module in the 16-bit dtype, no fp32
-    master. fp16 uses dynamic loss scaling (``initial_scale_power``, ``loss_scale_window``, ``hysteresis``,
-    ``consecutive_hysteresis``, ``min_loss_scale``, as in DeepSpeed). ``reduce_dtype`` and
-    ``accumulate_dtype`` set how gradients are summed across ranks and micro-batches (fp32 by default).
-
-    ``on_before_optimizer_step`` and clipping see true (unscaled, averaged) gradients; an fp16 overflow on
-    any rank skips the step, the hooks and clipping on every rank and leaves weights and optimizer state
-    untouched.
+    ``"bf16-mixed"`` / ``"16-mixed"``: parameters and gradients stored in the 16-bit dtype (norms, vectors and
+    embeddings kept in fp32), autocast for compute, fp32 master slices, buffers left in fp32.
+    ``"bf16-true"`` / ``"16-true"``: the whole module in the 16-bit dtype, no fp32 master. fp16 uses dynamic
+    loss scaling (``initial_scale_power``, ``loss_scale_window``, ``hysteresis``, ``consecutive_hysteresis``,
+    ``min_loss_scale``, as in DeepSpeed). ``reduce_dtype`` and ``accumulate_dtype`` set how gradients are
+    summed across ranks and micro-batches (fp32 by default).
 
     Args:
         precision: "32-true", "bf16-mixed", "16-mixed" (with dynamic loss scaling), "bf16-true" or "16-true".
@@ -79,7 +76,7 @@ class ZeroPrecision(Precision):
         self.device_type = "cpu"
         self.skipped_steps = 0
         #: What a non-finite loss or gradient does outside fp16 loss scaling: "raise" (naming the step and
-        #: ranks) or "skip" the step on every rank. ``ZeroStrategy(nonfinite=...)`` sets it.
+        #: ranks) or "skip" the step on every rank. The strategy's ``nonfinite=`` sets it.
         self.nonfinite: Literal["raise", "skip"] = "raise"
         self._engines: dict[int, ZeroEngine] = {}
 
@@ -93,58 +90,47 @@ class ZeroPrecision(Precision):
         self._engines.clear()
 
     def engine_for(self, optimizer: Any) -> ZeroEngine:
-        """The engine sharding ``optimizer`` (a ``LightningOptimizer`` is unwrapped)."""
+        """The engine sharding ``optimizer`` (a ``LightningOptimizer`` or Fabric optimizer is unwrapped)."""
         optimizer = getattr(optimizer, "_optimizer", optimizer)
         try:
             return self._engines[id(optimizer)]
         except KeyError:
             raise RuntimeError(
-                "this optimizer is not sharded by ZeroStrategy: optimizers must come from "
-                "configure_optimizers() so the strategy can set them up"
+                "this optimizer is not sharded by lightning-zero: optimizers must come from configure_optimizers() "
+                "(Trainer) or go through fabric.setup(model, optimizer) (Fabric), so the strategy can set them up"
             ) from None
 
     # ------------------------------------------------------------------ module and compute
-    @override
     def convert_module(self, module: torch.nn.Module) -> torch.nn.Module:
-        """Check the pairing; ``*-true`` casts the whole module (mixed: the engine casts parameters)."""
-        trainer = getattr(module, "_trainer", None)
-        # ZeroStrategy marks itself, so this module needs no import of the strategy (which imports this one).
-        if trainer is not None and not getattr(trainer.strategy, "pairs_with_zero_precision", False):
-            raise ValueError(
-                f"ZeroPrecision works only with ZeroStrategy, not {type(trainer.strategy).__name__}: use "
-                "strategy='zero1', 'zero2' or 'zero3', or drop ZeroPrecision and pass precision=... to the Trainer"
-            )
+        """``*-true`` casts the whole module (mixed: the engine casts parameters)."""
         if self.policy.master == self.policy.storage and self.policy.storage != torch.float32:
             module = module.to(self.policy.storage)
         return module
 
-    @override
     def forward_context(self) -> contextlib.AbstractContextManager:
         if self.policy.compute is None:
             return contextlib.nullcontext()
         return torch.autocast(self.device_type, dtype=self.policy.compute)
 
-    @override
     def convert_input(self, data: Any) -> Any:
         if self.policy.compute is None and self.policy.storage != torch.float32:
             return _cast_floats(data, self.policy.storage)
         return data
 
-    @override
     def tensor_init_context(self) -> contextlib.AbstractContextManager:
         return contextlib.nullcontext()
 
     # ------------------------------------------------------------------ backward and step
-    @override
-    def pre_backward(self, tensor: Tensor, module: pl.LightningModule) -> Tensor:  # type: ignore[override]
-        super().pre_backward(tensor, module)
+    def _before_backward(self, tensor: Tensor, engines: list[ZeroEngine] | None = None) -> Tensor:
+        """Flag a non-finite loss for ``engines`` (default: all bound) and apply the fp16 loss scale."""
         mark("backward")
+        engines = list(self._engines.values()) if engines is None else engines
         nonfinite = ~torch.isfinite(tensor.detach()).all()  # read in the step's one flag exchange: no sync here
-        for engine in self._engines.values():
+        for engine in engines:
             engine.loss_nonfinite = nonfinite | engine.loss_nonfinite
         if self.scaler is None:
             return tensor
-        for engine in self._engines.values():
+        for engine in engines:
             engine.loss_scale = self.scaler.scale  # divided out once, when the gradients are reduced
         return tensor * self.scaler.scale
 
@@ -153,15 +139,10 @@ class ZeroPrecision(Precision):
         """The current fp16 loss scale (1.0 without loss scaling)."""
         return self.scaler.scale if self.scaler is not None else 1.0
 
-    @override
-    def optimizer_step(  # type: ignore[override]
-        self,
-        optimizer: Optimizable,
-        model: pl.LightningModule,
-        closure: Callable[[], Any],
-        **kwargs: Any,
-    ) -> Any:
-        engine = self.engine_for(optimizer)
+    def _step_engine(self, engine: ZeroEngine, closure: Callable[[], Any], before_step: Callable[[], None],
+                     step_name: str) -> Any:
+        """Run ``closure``, then one sharded step: a non-finite loss or gradient on any rank skips it on
+        every rank (fp16: shrink the loss scale; otherwise raise or skip by ``nonfinite``)."""
         closure_result = closure()
         mark("optimizer step")
         bad_loss, bad_grad = engine.nonfinite_ranks()
@@ -173,17 +154,69 @@ class ZeroPrecision(Precision):
             names = engine.nonfinite_params() if self.scaler is None and bad_grad and not bad_loss else []
             engine.skip_step()  # weights and optimizer state untouched
             if self.scaler is None:
-                message = _nonfinite_message(model, bad_loss, bad_grad, names)
+                message = _nonfinite_message(step_name, bad_loss, bad_grad, names)
                 if self.nonfinite == "raise":
                     raise FloatingPointError(
-                        f"{message}; no weights were updated. Pass ZeroStrategy(nonfinite='skip') to skip such "
+                        f"{message}; no weights were updated. Pass nonfinite='skip' to the strategy to skip such "
                         "steps, or look for the cause (learning rate, data, a log of zero)."
                     )
                 rank_zero_warn(f"{message}: step skipped on every rank (nonfinite='skip')")
             return closure_result
-        self._after_closure(model, optimizer)
+        before_step()
         engine.step()
         return closure_result
+
+    # ------------------------------------------------------------------ checkpoint state
+    def state_dict(self) -> dict[str, Any]:
+        state: dict[str, Any] = {"precision": self.precision, "skipped_steps": self.skipped_steps}
+        if self.scaler is not None:
+            state["loss_scaler"] = self.scaler.state_dict()
+        return state
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.skipped_steps = int(state_dict.get("skipped_steps", 0))
+        if self.scaler is not None and "loss_scaler" in state_dict:
+            self.scaler.load_state_dict(state_dict["loss_scaler"])
+
+
+class ZeroPrecision(ZeroPrecisionCore, Precision):
+    __doc__ = f"""Precision plugin for the Trainer's ``ZeroStrategy``; ``Trainer(precision=...)`` pairs it
+    automatically. ``on_before_optimizer_step`` and clipping see true (unscaled, averaged) gradients; an fp16
+    overflow on any rank skips the step, the hooks and clipping on every rank and leaves weights and optimizer
+    state untouched. After ``fit`` the module gets whole fp32 weights back.
+
+    {ZeroPrecisionCore.__doc__.split(chr(10), 2)[2].strip()}
+    """
+
+    @override
+    def convert_module(self, module: torch.nn.Module) -> torch.nn.Module:
+        """Check the pairing, then cast as the policy says."""
+        trainer = getattr(module, "_trainer", None)
+        # ZeroStrategy marks itself, so this module needs no import of the strategy (which imports this one).
+        if trainer is not None and not getattr(trainer.strategy, "pairs_with_zero_precision", False):
+            raise ValueError(
+                f"ZeroPrecision works only with ZeroStrategy, not {type(trainer.strategy).__name__}: use "
+                "strategy='zero1', 'zero2' or 'zero3', or drop ZeroPrecision and pass precision=... to the Trainer"
+            )
+        return super().convert_module(module)
+
+    @override
+    def pre_backward(self, tensor: Tensor, module: pl.LightningModule) -> Tensor:  # type: ignore[override]
+        Precision.pre_backward(self, tensor, module)  # the on_before_backward hooks
+        return self._before_backward(tensor)
+
+    @override
+    def optimizer_step(  # type: ignore[override]
+        self,
+        optimizer: Optimizable,
+        model: pl.LightningModule,
+        closure: Callable[[], Any],
+        **kwargs: Any,
+    ) -> Any:
+        trainer = getattr(model, "_trainer", None)
+        step_name = f"optimizer step {trainer.global_step}" if trainer is not None else "this optimizer step"
+        return self._step_engine(self.engine_for(optimizer), closure,
+                                 lambda: self._after_closure(model, optimizer), step_name)
 
     @override
     def clip_grad_by_norm(self, optimizer: Optimizer, clip_val: int | float) -> None:
@@ -192,20 +225,6 @@ class ZeroPrecision(Precision):
     @override
     def clip_grad_by_value(self, optimizer: Optimizer, clip_val: int | float) -> None:
         self.engine_for(optimizer).clip_grad_value_(float(clip_val))
-
-    # ------------------------------------------------------------------ checkpoint state
-    @override
-    def state_dict(self) -> dict[str, Any]:
-        state: dict[str, Any] = {"precision": self.precision, "skipped_steps": self.skipped_steps}
-        if self.scaler is not None:
-            state["loss_scaler"] = self.scaler.state_dict()
-        return state
-
-    @override
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self.skipped_steps = int(state_dict.get("skipped_steps", 0))
-        if self.scaler is not None and "loss_scaler" in state_dict:
-            self.scaler.load_state_dict(state_dict["loss_scaler"])
 
 
 DTypeName = Literal["float32", "bfloat16", "float16"]
@@ -221,10 +240,7 @@ def _dtype(value: torch.dtype | str) -> torch.dtype:
     return getattr(torch, name)
 
 
-def _nonfinite_message(model: pl.LightningModule, bad_loss: list[int], bad_grad: list[int],
-                       names: list[str]) -> str:
-    trainer = getattr(model, "_trainer", None)
-    step = f"optimizer step {trainer.global_step}" if trainer is not None else "this optimizer step"
+def _nonfinite_message(step: str, bad_loss: list[int], bad_grad: list[int], names: list[str]) -> str:
     if bad_loss:
         return f"non-finite loss at {step} on rank(s) {bad_loss}"
     where = f" of {names[:5]}{' and more' if len(names) > 5 else ''}" if names else ""

@@ -19,7 +19,6 @@ import torch
 import torch.distributed as dist
 from lightning.fabric.plugins import CheckpointIO, ClusterEnvironment
 from lightning.fabric.plugins.collectives.torch_collective import default_pg_timeout
-from lightning.fabric.strategies.registry import _StrategyRegistry
 from lightning.pytorch.plugins.precision import Precision
 from lightning.pytorch.strategies import DDPStrategy
 from lightning.pytorch.strategies.launchers import _SubprocessScriptLauncher
@@ -29,32 +28,31 @@ from torch.optim import Optimizer
 from typing_extensions import override
 
 from lightning_zero.checkpoint import (
-    CheckpointError,
-    ShardedCheckpoint,
-    agree,
+    as_trainer_checkpoint,
+    engine_shards,
     fill_from_shards,
-    named_optimizer_state,
+    layout_names,
+    open_sharded,
+    restore_module,
+    restore_optimizer,
     save_file_atomically,
     save_sharded,
 )
-from lightning_zero.config import ReducePolicyName, ZeroConfig
+from lightning_zero.config import ReducePolicyName
+from lightning_zero.options import OPTIONS_DOC, BufferSync, SharedStrategyMethods, StrategyOptions, zero_precision_from
 from lightning_zero.precision import ZeroPrecision
-from lightning_zero.sharding.collectives import CollectiveError, broadcast_coalesced, wait_all
+from lightning_zero.sharding.collectives import CollectiveError, wait_all
 from lightning_zero.sharding.engine import ZeroEngine
 from lightning_zero.sharding.init import sharded_init
-from lightning_zero.sharding.state import FullSource, StateSource
 from lightning_zero.sharding.whereabouts import mark, publish, start_fit
 
 __all__ = ["ZeroStrategy"]
 
-_PRECISIONS = ("32-true", "bf16-mixed", "16-mixed", "bf16-true", "16-true")
-_GENERIC_PLUGINS = ("Precision", "MixedPrecision", "HalfPrecision")
-_START_METHODS = ("popen", "spawn", "fork", "forkserver")
 _CHILD_GRACE_S = 2.0  # how long a failed fit's rank 0 lets child ranks exit on their own before killing them
 _SHARDS = "_lightning_zero_sharded_checkpoint"  # the open ShardedCheckpoint, in a loaded checkpoint dict
 
 
-class ZeroStrategy(DDPStrategy):
+class ZeroStrategy(SharedStrategyMethods, DDPStrategy):
     """ZeRO data parallel training: stage 1 shards optimizer state, stage 2 also gradients, stage 3 also
     parameters (gathered just in time around each unit's forward and backward).
 
@@ -64,31 +62,7 @@ class ZeroStrategy(DDPStrategy):
     ``block_backward_sync()``; ``reduce_policy`` decides whether micro-batches before it reduce too.
 
     Args:
-        stage: 1 shards optimizer state, 2 also gradients, 3 also parameters.
-        reduce_policy: "boundary" reduces only on the micro-batch that steps (no collective before it,
-            full local gradients held meanwhile); "every_micro_batch" reduce-scatters every micro-batch so
-            stage 2 keeps gradient memory sharded; "auto" picks per stage (see the README).
-        bucket_numel: elements per gradient bucket.
-        allow_unknown_optimizer: shard an optimizer class not known to be element-wise (you vouch for it).
-        state_dict_type: "sharded" (default): ``save_checkpoint`` writes a directory in which each rank
-            writes only its own slices, committed atomically; resumable on any world size and stage, and
-            ``lightning_zero.consolidate_checkpoint`` turns it into one plain file. "full": one plain
-            Lightning file, gathered whole on rank 0 (small models, or tools that expect a file).
-        nonfinite: a NaN or inf loss or gradient outside fp16 loss scaling "raise"s, naming the step and
-            the ranks, or "skip"s the step on every rank; either way no weight takes that step.
-        unit_numel: stage 3 only: a module without weights of its own (a transformer block) is gathered as
-            one unit when it holds at most this many elements (default 2**24) and no stack of blocks.
-        persist_numel: stage 3 only: the smallest units, up to this many elements in all, stay gathered
-            instead of being gathered at each use (default ``None``: the smaller of 2**17 and 1/64 of the
-            model; 0: none).
-        broadcast_buffers: as ``DDPStrategy(broadcast_buffers=...)``: every rank takes rank 0's buffers (BatchNorm
-            running statistics) before a forward that follows a training forward, as DDP does, so ranks train and
-            evaluate with the same ones (default True).
-        offload: "optimizer" keeps each rank's master slices and optimizer state in CPU memory and steps the
-            optimizer there (ZeRO-Offload); "none" (default) keeps everything on the device.
-        timeout: how long collectives wait before failing, as for ``DDPStrategy``; it also bounds how long
-            a rank waits for one that hangs, and how long ``save_checkpoint`` waits for every rank to join.
-        start_method: "popen" (subprocess, like ``ddp``), "spawn", "fork" (notebooks) or "forkserver".
+        {options}
         accelerator: as for ``DDPStrategy``; normally set by the Trainer.
         parallel_devices: as for ``DDPStrategy``; normally set by the Trainer from ``devices``.
         cluster_environment: as for ``DDPStrategy`` (torchrun, SLURM, ...); normally detected.
@@ -98,6 +72,7 @@ class ZeroStrategy(DDPStrategy):
         process_group_backend: "nccl" or "gloo"; by default from the device.
     """
 
+    __doc__ = (__doc__ or "").format(options=OPTIONS_DOC)
     strategy_name = "zero"
     pairs_with_zero_precision = True  # what ZeroPrecision checks, without importing this module
 
@@ -122,25 +97,10 @@ class ZeroStrategy(DDPStrategy):
         timeout: timedelta | None = default_pg_timeout,
         start_method: Literal["popen", "spawn", "fork", "forkserver"] = "popen",
     ) -> None:
-        if unit_numel is not None and stage != 3:
-            raise ValueError(f"unit_numel sizes the modules stage 3 gathers together; it does nothing under stage "
-                             f"{stage}: drop it, or use stage=3")
-        if persist_numel is not None and stage != 3:
-            raise ValueError(f"persist_numel sizes the parameters stage 3 keeps gathered; it does nothing under "
-                             f"stage {stage}: drop it, or use stage=3")
-        if timeout is not None and not isinstance(timeout, timedelta):
-            raise TypeError(f"timeout must be a datetime.timedelta, e.g. timedelta(minutes=10), got {timeout!r}")
-        if timeout is not None and timeout <= timedelta(0):
-            raise ValueError(f"timeout must be positive (how long collectives wait before failing), got {timeout!r}; "
-                             "use e.g. timedelta(minutes=10), or None for the default (30 minutes)")
-        if start_method not in _START_METHODS:
-            raise ValueError(f"start_method must be one of {_START_METHODS}, got {start_method!r}")
-        self.config = ZeroConfig(
-            stage=stage, bucket_numel=bucket_numel, reduce_policy=reduce_policy,
-            allow_unknown_optimizer=allow_unknown_optimizer, offload=offload,
-            **({"unit_numel": unit_numel} if unit_numel is not None else {}),
-            persist_numel=persist_numel,
-        )
+        self.options = StrategyOptions.build(
+            stage, reduce_policy, bucket_numel, allow_unknown_optimizer, state_dict_type, nonfinite, unit_numel,
+            persist_numel, offload, broadcast_buffers, timeout, start_method)
+        self.config = self.options.config
         super().__init__(
             accelerator=accelerator,
             parallel_devices=parallel_devices,
@@ -151,17 +111,10 @@ class ZeroStrategy(DDPStrategy):
             timeout=timeout,
             start_method=start_method,
         )
-        if state_dict_type not in ("sharded", "full"):
-            raise ValueError(f"state_dict_type must be 'sharded' or 'full', got {state_dict_type!r}")
-        self.state_dict_type = state_dict_type
-        if nonfinite not in ("raise", "skip"):
-            raise ValueError(f"nonfinite must be 'raise' or 'skip', got {nonfinite!r}")
-        self.nonfinite = nonfinite
-        if not isinstance(broadcast_buffers, bool):
-            raise TypeError(f"broadcast_buffers must be True or False, got {broadcast_buffers!r}")
-        self.broadcast_buffers = broadcast_buffers
-        self._buffers_due = True  # see [Note: buffers as under ddp]
-        self._blocking_sync = False
+        self.state_dict_type = self.options.state_dict_type
+        self.nonfinite = self.options.nonfinite
+        self.broadcast_buffers = self.options.broadcast_buffers
+        self._buffers = BufferSync(self.broadcast_buffers, 1)  # see [Note: buffers as under ddp]
         self.engines: list[ZeroEngine] = []
         self._checkpoint_group: ProcessGroup | None = None
 
@@ -176,26 +129,13 @@ class ZeroStrategy(DDPStrategy):
     @precision_plugin.setter
     @override
     def precision_plugin(self, plugin: Precision | None) -> None:
-        # Lightning hands a third-party strategy its generic plugin (autocast MixedPrecision for
-        # "bf16-mixed"): convert it by its precision string instead of refusing it.
-        if plugin is None or isinstance(plugin, ZeroPrecision):
-            self._precision_plugin = plugin
-            return
-        name = getattr(plugin, "precision", None)
-        if type(plugin).__name__ not in _GENERIC_PLUGINS or name not in _PRECISIONS:
-            raise ValueError(
-                f"ZeroStrategy cannot run {type(plugin).__name__} (precision {name!r}); use precision= one of "
-                f"{', '.join(_PRECISIONS)}, or plugins=[lightning_zero.ZeroPrecision(...)]"
-            )
-        self._precision_plugin = ZeroPrecision(name)
+        self._precision_plugin = zero_precision_from(plugin, ZeroPrecision, "ZeroStrategy")
 
     # ------------------------------------------------------------------ setup
     @override
     def setup_distributed(self) -> None:
         super().setup_distributed()
-        # Checkpoint coordination (monitored barrier, small objects) runs on gloo, whatever the backend.
-        if dist.get_backend() != "gloo":
-            self._checkpoint_group = dist.new_group(backend="gloo", timeout=self._timeout)
+        self._checkpoint_group = self._checkpoint_coordination_group(self._timeout)
 
     @override
     def setup(self, trainer: pl.Trainer) -> None:
@@ -203,7 +143,7 @@ class ZeroStrategy(DDPStrategy):
         self.accelerator.setup(trainer)
         self._release_engines()
         start_fit()
-        self._buffers_due = True  # as a fresh DDP wrapper: the first forward takes rank 0's buffers
+        self._buffers = BufferSync(self.broadcast_buffers, self.world_size)
         precision = self.precision_plugin
         precision.device_type = self.root_device.type
         precision.nonfinite = self.nonfinite
@@ -286,11 +226,11 @@ class ZeroStrategy(DDPStrategy):
         with contextlib.ExitStack() as stack:
             for engine in self.engines:
                 stack.enter_context(engine.no_sync())
-            self._blocking_sync = True
+            self._buffers.blocking = True
             try:
                 yield
             finally:
-                self._blocking_sync = False
+                self._buffers.blocking = False
 
     # [Note: buffers as under ddp] DDP broadcasts rank 0's buffers at the start of a forward when the forward
     # before it ran with gradients and with gradient sync (its ``require_forward_param_sync``): so before the
@@ -298,13 +238,9 @@ class ZeroStrategy(DDPStrategy):
     # before the training forward after validation, nor after a micro-batch inside ``no_sync``. Matching
     # that rule is what makes BatchNorm statistics, and validation metrics, equal ``ddp``'s.
     def _through_buffers(self, step: Callable[..., Any], training: bool, *args: Any, **kwargs: Any) -> Any:
-        module = self.lightning_module
-        if self._buffers_due and self.broadcast_buffers and self.world_size > 1 and module is not None:
-            buffers = list(module.buffers())
-            if buffers:
-                broadcast_coalesced(buffers, None)
+        self._buffers.before(self.lightning_module)
         output = step(*args, **kwargs)
-        self._buffers_due = training and torch.is_grad_enabled() and not self._blocking_sync
+        self._buffers.after(training)
         return output
 
     @override
@@ -357,7 +293,7 @@ class ZeroStrategy(DDPStrategy):
         return self.state_dict_type == "sharded"
 
     def _layout_names(self) -> set[str]:
-        return {name for engine in self.engines for r in engine.layout.params for name in (r.fqn, *r.aliases)}
+        return layout_names(self.engines)
 
     @override
     def lightning_module_state_dict(self) -> dict[str, Any]:
@@ -399,17 +335,7 @@ class ZeroStrategy(DDPStrategy):
                 save_file_atomically(checkpoint, filepath)
             return
         engine = self.engines[0] if self.engines else None
-        with_optimizer = "optimizer_states" in checkpoint and engine is not None
-        local: dict[str, Any] = {"pieces": [], "whole": {}, "param_groups": None}
-        manifest: dict[str, Any] = {"stage": self.config.stage, "optimizer_state": with_optimizer,
-                                    "optimizer": None, "shapes": {}, "aliases": {}}
-        if engine is not None:
-            local = engine.local_state_dict(optimizer=with_optimizer)
-            manifest.update(
-                optimizer=type(engine.optimizer.optimizer).__qualname__,
-                shapes={r.fqn: list(r.shape) for r in engine.layout.params},
-                aliases={r.fqn: list(r.aliases) for r in engine.layout.params if r.aliases},
-            )
+        local, manifest = engine_shards(engine, self.config.stage, "optimizer_states" in checkpoint)
         save_sharded(filepath, local, checkpoint if self.is_global_zero else None, self._checkpoint_group,
                      self._timeout or default_pg_timeout, manifest)
 
@@ -430,18 +356,12 @@ class ZeroStrategy(DDPStrategy):
         rank checks the CRCs of a share of the files; any failure raises on every rank) and read lazily."""
         if not os.path.isdir(checkpoint_path):
             return super().load_checkpoint(checkpoint_path, weights_only=weights_only)
-        error, checkpoint = None, None
-        try:
-            checkpoint = ShardedCheckpoint(checkpoint_path)
-            checkpoint.check(verify=lambda position: position % self.world_size == self.global_rank)
-        except CheckpointError as exc:
-            error = str(exc)
-        if dist.is_available() and dist.is_initialized():
-            agree(error, self._checkpoint_group)
-        elif error:
-            raise CheckpointError(error)
-        assert checkpoint is not None
-        loaded = checkpoint.load_meta(weights_only=bool(weights_only))
+        checkpoint = open_sharded(checkpoint_path, self.global_rank, self.world_size, self._checkpoint_group)
+        loaded = as_trainer_checkpoint(checkpoint.load_meta(weights_only=bool(weights_only)), checkpoint.manifest)
+        if "entries" in checkpoint.manifest:  # saved by Fabric: weights and optimizer state, no loops or schedulers
+            loaded.setdefault("pytorch-lightning_version", pl.__version__)
+            if "optimizer_states" in loaded:
+                loaded.setdefault("lr_schedulers", [])
         # Stages 1-2 restore before setup into the whole module: the user's ``on_load_checkpoint`` then sees
         # (and may edit) the whole state, as under ddp. A weight-averaging callback reads the module's own
         # state from ``current_model_state``, under any stage.
@@ -462,59 +382,16 @@ class ZeroStrategy(DDPStrategy):
     @override
     def load_model_state_dict(self, checkpoint: Mapping[str, Any], strict: bool = True) -> None:
         assert self.lightning_module is not None
-        state = dict(checkpoint["state_dict"])
-        shards: ShardedCheckpoint | None = checkpoint.get(_SHARDS)
         live = [engine for engine in self.engines if engine.module is self.lightning_module]
-        if not live:  # no engine for this module (before setup, or a run without an optimizer): into it whole
-            origin = shards.path if shards is not None else "the checkpoint"
-            if shards is not None and self.config.stage == 3:  # stages 1-2: load_checkpoint filled it already
-                state = {**shards.whole_params(), **state}  # whole weights already in the state dict win
-            try:
-                self.lightning_module.load_state_dict(state, strict=strict)
-            except RuntimeError as exc:
-                raise CheckpointError(f"{origin} does not match this model: {exc}") from exc
-            return
-        engine = live[0]
-        names = self._layout_names()
-        origin = shards.path if shards is not None else "the checkpoint"
-        # Whole weights in the state dict win over the shards: a callback put them there (EMA's average).
-        whole = {k: v for k, v in state.items() if k in names}
-        source: StateSource = shards.source(optimizer=False) if shards is not None and not whole else FullSource(
-            {"params": whole})
-        try:
-            engine.check_source(source, optimizer=False)
-        except ValueError as exc:
-            raise CheckpointError(f"{origin} does not match this model: {exc}") from exc
-        rest = {k: v for k, v in state.items() if k not in names}
-        missing, unexpected = self.lightning_module.load_state_dict(rest, strict=False)
-        missing = [k for k in missing if k not in names]
-        if strict and (missing or unexpected):
-            raise CheckpointError(f"{origin} does not match this model: missing {missing[:5]}, unexpected "
-                                  f"{unexpected[:5]}")
-        engine.load_state(source, optimizer=False)
+        # Without an engine (before setup, or a run without an optimizer) the module loads whole; stages 1-2
+        # have the shards' weights in the state dict already (``load_checkpoint``).
+        restore_module(self.lightning_module, live[0] if live else None, checkpoint["state_dict"],
+                       checkpoint.get(_SHARDS), strict, fill_whole=self.config.stage == 3)
 
     @override
     def load_optimizer_state_dict(self, checkpoint: Mapping[str, Any]) -> None:
-        shards: ShardedCheckpoint | None = checkpoint.get(_SHARDS)
-        origin = shards.path if shards is not None else "the checkpoint"
         for optimizer, state in zip(self.optimizers, checkpoint["optimizer_states"]):
-            engine = self.precision_plugin.engine_for(optimizer)
-            current = type(optimizer).__qualname__
-            if shards is not None:
-                saved = shards.manifest.get("optimizer")
-                if saved != current:
-                    raise CheckpointError(f"{origin} holds {saved} state; this run's optimizer is {current}. "
-                                          "Resume with the same optimizer, or load the weights only.")
-                source: StateSource = shards.source(optimizer=True)
-            else:
-                groups = state.get("param_groups") or []
-                if groups and groups[0]["params"] and isinstance(groups[0]["params"][0], int):
-                    state = named_optimizer_state(state, engine.optimizer.param_fqns)  # saved by ``ddp``
-                source = FullSource({"optimizer": state})
-            try:
-                engine.optimizer.load_state(source)
-            except ValueError as exc:
-                raise CheckpointError(f"{origin} holds another optimizer setup than {current}'s: {exc}") from exc
+            restore_optimizer(self.precision_plugin.engine_for(optimizer), state, checkpoint.get(_SHARDS))
 
     # ------------------------------------------------------------------ evaluation inside fit
     # Stage 3 gathers the whole model once for a no-grad loop, so ranks that run different numbers of
@@ -556,15 +433,6 @@ class ZeroStrategy(DDPStrategy):
         launcher.kill(signal.SIGKILL)
 
     @override
-    def barrier(self, *args: Any, **kwargs: Any) -> None:
-        """As ``ddp``'s, but on gloo the barrier's handle stays with Python: Lightning's barriers are often a
-        process's last collective (see [Note: keep finished work handles])."""
-        if dist.is_available() and dist.is_initialized() and dist.get_backend() == "gloo":
-            wait_all([dist.barrier(async_op=True)], what="a barrier (trainer.strategy.barrier)")
-        else:
-            super().barrier(*args, **kwargs)
-
-    @override
     def teardown(self) -> None:
         # Unhook the model but keep the engines: trainer.save_checkpoint() after fit still gathers their
         # optimizer state. The next setup releases them. Collectives only after a clean finish, so a
@@ -581,23 +449,3 @@ class ZeroStrategy(DDPStrategy):
             # The last collective's handle stays with Python (see [Note: keep finished work handles]).
             wait_all([torch.distributed.barrier(async_op=True)], what="the barrier every rank passes at the end of fit")
         super().teardown()
-
-    @classmethod
-    @override
-    def register_strategies(cls, strategy_registry: _StrategyRegistry) -> None:
-        for stage in (1, 2, 3):
-            for suffix, start_method in (("", "popen"), ("_spawn", "spawn"), ("_notebook", "fork")):
-                strategy_registry.register(
-                    f"zero{stage}{suffix}",
-                    cls,
-                    description=f"ZeRO stage {stage} with start_method '{start_method}'",
-                    stage=stage,
-                    start_method=start_method,
-                )
-            strategy_registry.register(
-                f"zero{stage}_offload",
-                cls,
-                description=f"ZeRO stage {stage} with optimizer state and fp32 masters offloaded to CPU",
-                stage=stage,
-                offload="optimizer",
-            )

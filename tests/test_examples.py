@@ -51,3 +51,21 @@ def test_engine_example_under_torchrun() -> None:
     torchrun = str(Path(sys.executable).with_name("torchrun"))
     output = _run(torchrun, "--standalone", "--nproc_per_node=2", "examples/train_engine.py", "--steps", "3")
     assert re.search(r"step\s+2\s+loss", output) and output.count("zero2 holds") == 2
+
+
+ZOO = ROOT / "tests" / ".zoo"
+
+
+def test_fabric_litgpt_example_under_zero3() -> None:
+    """A user's own Fabric loop training a litgpt model under zero3 (litgpt from the test zoo)."""
+    import pytest
+
+    if not (ZOO / "litgpt").is_dir():
+        pytest.skip(f"litgpt is not installed in {ZOO}: run the README's test command")
+    env_path = os.pathsep.join(filter(None, [os.environ.get("PYTHONPATH"), str(ZOO)]))
+    output = _run("env", f"PYTHONPATH={env_path}", sys.executable, "examples/fabric_litgpt.py", "--strategy",
+                  "zero3", "--steps", "12")
+    first, last = map(float, re.search(r"loss ([\d.]+) -> ([\d.]+)", output).groups())
+    assert last < first, output[-2000:]
+    ratios = [float(r) for r in re.findall(r"vs ddp [\d.]+ MiB \(([\d.]+)x\)", output)]
+    assert len(ratios) == 2 and all(r < 0.6 for r in ratios), output[-2000:]  # 9Ψ of 16Ψ under bf16-mixed

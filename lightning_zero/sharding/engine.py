@@ -268,6 +268,11 @@ class ZeroEngine:
         return wholes
 
     # ------------------------------------------------------------------ training
+    @property
+    def holds_gradients(self) -> bool:
+        """Whether a backward added gradients since the last step or ``zero_grad``."""
+        return any(self.reducer.had_grad)
+
     def no_sync(self) -> contextlib.AbstractContextManager[None]:
         """Backwards inside accumulate locally (no collective) under the "boundary" policy."""
         return self.reducer.no_sync()

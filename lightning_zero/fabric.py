@@ -1,0 +1,534 @@
+"""ZeRO under Lightning Fabric: ``Fabric(strategy="zero2")`` runs the same engine, options and checkpoint
+format as ``Trainer(strategy="zero2")``, for users who write their own loop (litgpt is built on Fabric).
+
+[Note: Fabric's optimizer calls]
+Fabric wraps the optimizer in a ``_FabricOptimizer`` whose class derives from the optimizer's own class, so
+``optimizer.zero_grad()``, ``optimizer.state_dict()`` and ``optimizer.load_state_dict()`` in the user's loop
+resolve on that class, not on the instance. After ZeRO re-points the optimizer at this rank's slices those
+three would act on slices only: ``zero_grad`` would leave the engine's gradient buckets full, and the state
+dicts would hold one rank's share. So at setup the optimizer's class is swapped for a subclass (same name)
+whose three methods go through the engine: ``zero_grad`` clears the engine's window, ``state_dict`` returns
+the whole state keyed by parameter name (a collective), ``load_state_dict`` takes that or a ``ddp`` one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Callable, Generator, Iterable
+from datetime import timedelta
+from typing import Any, Literal
+
+import torch
+import torch.distributed as dist
+from lightning.fabric.accelerators import Accelerator
+from lightning.fabric.plugins import CheckpointIO, ClusterEnvironment
+from lightning.fabric.plugins.collectives.torch_collective import default_pg_timeout
+from lightning.fabric.plugins.precision import Precision
+from lightning.fabric.strategies import DDPStrategy
+from lightning.fabric.strategies.strategy import _BackwardSyncControl, _Sharded
+from lightning.fabric.utilities.types import Optimizable
+from torch import Tensor
+from torch.nn import Module
+from torch.optim import Optimizer
+from typing_extensions import override
+
+from lightning_zero.checkpoint import (
+    CheckpointError,
+    ShardedCheckpoint,
+    consolidate_checkpoint,
+    engine_shards,
+    layout_names,
+    open_sharded,
+    restore_module,
+    restore_optimizer,
+    save_file_atomically,
+    save_sharded,
+    saved_entries,
+)
+from lightning_zero.config import ReducePolicyName
+from lightning_zero.options import OPTIONS_DOC, BufferSync, SharedStrategyMethods, StrategyOptions, zero_precision_from
+from lightning_zero.precision import ZeroPrecisionCore
+from lightning_zero.sharding.collectives import broadcast_coalesced
+from lightning_zero.sharding.engine import ZeroEngine
+from lightning_zero.sharding.init import pending_chunks, sharded_init
+from lightning_zero.sharding.whereabouts import mark, start_fit
+
+__all__ = ["ZeroFabricPrecision", "ZeroFabricStrategy"]
+
+
+class ZeroFabricPrecision(ZeroPrecisionCore, Precision):
+    __doc__ = f"""Precision plugin for Fabric's ``ZeroFabricStrategy``; ``Fabric(precision=...)`` pairs it
+    automatically. ``fabric.clip_gradients`` sees true (unscaled, averaged) gradients; a non-finite loss or
+    gradient on any rank skips ``optimizer.step()`` on every rank (fp16: and shrinks the loss scale).
+
+    {ZeroPrecisionCore.__doc__.split(chr(10), 2)[2].strip()}
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._steps: dict[int, int] = {}  # optimizer steps taken, per engine, for messages
+
+    def _engines_of(self, module: Module | None) -> list[ZeroEngine] | None:
+        engines = [engine for engine in self._engines.values() if engine.module is module]
+        return engines or None  # None: every engine (a loss whose model was not named)
+
+    @override
+    def backward(self, tensor: Tensor, model: Module | None, *args: Any, **kwargs: Any) -> None:
+        """Flag a non-finite loss for the step's exchange, apply the fp16 loss scale, then backward."""
+        self._before_backward(tensor, self._engines_of(model)).backward(*args, **kwargs)
+
+    @override
+    def optimizer_step(self, optimizer: Optimizable, **kwargs: Any) -> Any:
+        """One sharded step of ``optimizer``'s engine: reduce, check, step the slices, gather."""
+        closure = kwargs.pop("closure", None)
+        if kwargs:
+            raise TypeError(f"optimizer.step() under ZeRO takes only a closure, got {sorted(kwargs)}")
+        engine = self.engine_for(optimizer)
+        done = self._steps.get(id(engine), 0)
+        result = self._step_engine(engine, closure or (lambda: None), lambda: None, f"optimizer step {done}")
+        self._steps[id(engine)] = done + 1
+        return result
+
+    @override
+    def unscale_gradients(self, optimizer: Optimizer) -> None:
+        return None  # the loss scale is divided out when the gradients are reduced
+
+
+class _ZeroBackwardSyncControl(_BackwardSyncControl):
+    """``fabric.no_backward_sync(model)``: no collective before the boundary under ``reduce_policy="boundary"``
+    ("every_micro_batch", stage 2's and 3's default, reduce-scatters every micro-batch by design)."""
+
+    def __init__(self, strategy: ZeroFabricStrategy) -> None:
+        self._strategy = strategy
+
+    @override
+    def no_backward_sync(self, module: Module, enabled: bool) -> contextlib.AbstractContextManager:
+        if not enabled:
+            return contextlib.nullcontext()
+        engine = self._strategy.engine_of(module)
+        if engine is None:
+            raise TypeError("fabric.no_backward_sync(model) needs a model set up together with its optimizer "
+                            "(fabric.setup(model, optimizer) or fabric.setup_optimizers after setup_module)")
+        stack = contextlib.ExitStack()
+        stack.enter_context(engine.no_sync())
+        sync = self._strategy._buffer_sync.get(id(module))
+        if sync is not None:
+            stack.enter_context(_blocking(sync))
+        return stack
+
+
+@contextlib.contextmanager
+def _blocking(sync: BufferSync) -> Generator[None, None, None]:
+    sync.blocking = True
+    try:
+        yield
+    finally:
+        sync.blocking = False
+
+
+class ZeroFabricStrategy(SharedStrategyMethods, DDPStrategy, _Sharded):
+    """ZeRO data parallel training under Fabric: stage 1 shards optimizer state, stage 2 also gradients,
+    stage 3 also parameters. ``import lightning_zero`` registers the same names as for the Trainer
+    (``Fabric(strategy="zero2")``, ``"zero3_offload"``, ...); the options are the Trainer strategy's.
+
+    Launching (``fabric.launch()``, torchrun, SLURM), cluster environments and the process group come from
+    Fabric's DDP machinery; the model is not wrapped. Each model set up with its optimizer gets its own engine;
+    ``fabric.no_backward_sync(model)`` marks micro-batches that do not step; under stage 3,
+    ``fabric.init_module()`` builds the model sharded from the start and ``strategy.gathered_parameters()``
+    gives whole weights inside a block. ``fabric.save``/``fabric.load`` write and read the Trainer's sharded
+    format, so a Fabric checkpoint resumes in the Trainer and the other way round.
+
+    Args:
+        {{options}}
+        accelerator, parallel_devices, cluster_environment, checkpoint_io, process_group_backend: as for
+            Fabric's ``DDPStrategy``; normally set by Fabric.
+        precision: a ``ZeroFabricPrecision``; normally built from ``Fabric(precision=...)``.
+    """
+
+    __doc__ = (__doc__ or "").replace("{{options}}", OPTIONS_DOC)
+    pairs_with_zero_precision = True
+
+    def __init__(
+        self,
+        stage: Literal[1, 2, 3] = 2,
+        reduce_policy: ReducePolicyName = "auto",
+        bucket_numel: int = 2**23,
+        allow_unknown_optimizer: bool = False,
+        state_dict_type: Literal["sharded", "full"] = "sharded",
+        nonfinite: Literal["raise", "skip"] = "raise",
+        unit_numel: int | None = None,
+        persist_numel: int | None = None,
+        offload: Literal["none", "optimizer"] = "none",
+        broadcast_buffers: bool = True,
+        accelerator: Accelerator | None = None,
+        parallel_devices: list[torch.device] | None = None,
+        cluster_environment: ClusterEnvironment | None = None,
+        checkpoint_io: CheckpointIO | None = None,
+        precision: Precision | None = None,
+        process_group_backend: str | None = None,
+        timeout: timedelta | None = default_pg_timeout,
+        start_method: Literal["popen", "spawn", "fork", "forkserver"] = "popen",
+    ) -> None:
+        self.options = StrategyOptions.build(
+            stage, reduce_policy, bucket_numel, allow_unknown_optimizer, state_dict_type, nonfinite, unit_numel,
+            persist_numel, offload, broadcast_buffers, timeout, start_method)
+        self.config = self.options.config
+        super().__init__(
+            accelerator=accelerator,
+            parallel_devices=parallel_devices,
+            cluster_environment=cluster_environment,
+            checkpoint_io=checkpoint_io,
+            precision=precision,
+            process_group_backend=process_group_backend,
+            timeout=timeout,
+            start_method=start_method,
+        )
+        self._backward_sync_control = _ZeroBackwardSyncControl(self)
+        self.engines: list[ZeroEngine] = []
+        self._modules: list[Module] = []  # set up, with or without an optimizer yet
+        self._buffer_sync: dict[int, BufferSync] = {}
+        self._hooks: list[torch.utils.hooks.RemovableHandle] = []
+        self._checkpoint_group: dist.ProcessGroup | None = None
+
+    # ------------------------------------------------------------------ precision pairing
+    @property  # type: ignore[override]
+    @override
+    def precision(self) -> ZeroFabricPrecision:
+        if not isinstance(self._precision, ZeroFabricPrecision):
+            self._precision = ZeroFabricPrecision()
+        return self._precision
+
+    @precision.setter
+    @override
+    def precision(self, precision: Precision | None) -> None:
+        self._precision = zero_precision_from(precision, ZeroFabricPrecision, "ZeroFabricStrategy")
+
+    # ------------------------------------------------------------------ setup
+    @override
+    def setup_environment(self) -> None:
+        super().setup_environment()
+        start_fit()
+        self.precision.device_type = self.root_device.type
+        self.precision.nonfinite = self.options.nonfinite
+        self._checkpoint_group = self._checkpoint_coordination_group(self._timeout)
+
+    @override
+    def setup_module_and_optimizers(
+        self, module: Module, optimizers: list[Optimizer], scheduler: Any | None = None
+    ) -> tuple[Module, list[Optimizer], Any | None]:
+        if len(optimizers) > 1:
+            raise ValueError(
+                f"ZeRO shards one optimizer per model, and fabric.setup() got {len(optimizers)} for this model: put "
+                "every parameter group in one optimizer, or split the model into modules set up separately, each "
+                "with its own optimizer"
+            )
+        module = self.setup_module(module)
+        return module, [self.setup_optimizer(optimizer) for optimizer in optimizers], scheduler
+
+    @override
+    def setup_module(self, module: Module) -> Module:
+        """Keep ``module`` as it is (no wrapper): its engine is built with its optimizer. Every rank takes
+        rank 0's weights and buffers, as DDP's wrapper does."""
+        self._modules.append(module)
+        sync = BufferSync(self.options.broadcast_buffers, self.world_size)
+        self._buffer_sync[id(module)] = sync
+        self._hooks.append(module.register_forward_pre_hook(lambda m, _args: sync.before(m)))
+        self._hooks.append(module.register_forward_hook(lambda _m, _args, _out: sync.after(True)))
+        if any(p in pending_chunks for p in module.parameters()):
+            # Built sharded (stage 3's init_module): only its engine can assemble it.
+            self._hooks.append(module.register_forward_pre_hook(self._refuse_unassembled))
+        elif self.world_size > 1:
+            with torch.no_grad():
+                broadcast_coalesced([*module.parameters(), *module.buffers()], None)
+        return module
+
+    def _refuse_unassembled(self, module: Module, _args: Any) -> None:
+        if self.engine_of(module) is None:
+            raise RuntimeError(
+                "this model was built sharded (fabric.init_module() under stage 3) and has no optimizer yet: set it "
+                "up with its optimizer (fabric.setup(model, optimizer), or fabric.setup_optimizers(optimizer) after "
+                "setup_module) before its first forward, or build it outside init_module() for inference"
+            )
+
+    @override
+    def setup_optimizer(self, optimizer: Optimizer) -> Optimizer:
+        """Shard ``optimizer`` with the model set up earlier whose parameters it holds."""
+        held = {id(p) for group in optimizer.param_groups for p in group["params"]}
+        owners = [m for m in self._modules if any(id(p) in held for p in m.parameters())]
+        if not owners:
+            raise ValueError(
+                "this optimizer holds no parameter of a model set up with Fabric: call fabric.setup(model, optimizer)"
+                ", or fabric.setup_module(model) before fabric.setup_optimizers(optimizer)"
+            )
+        if len(owners) > 1:
+            raise ValueError(
+                f"this optimizer holds parameters of {len(owners)} models set up separately, and ZeRO shards one "
+                "model per optimizer: put them in one module (e.g. torch.nn.ModuleDict) set up together, or give "
+                "each model its own optimizer"
+            )
+        module = owners[0]
+        if self.engine_of(module) is not None:
+            raise ValueError(
+                "this model already has an optimizer, and ZeRO shards one optimizer per model: put every parameter "
+                "group in one optimizer"
+            )
+        engine = ZeroEngine(module, optimizer, self.config, dtypes=self.precision.policy.slots())
+        self.precision.bind(optimizer, engine)
+        _route_through_engine(optimizer, engine)
+        self.engines.append(engine)
+        return optimizer
+
+    def engine_of(self, module: Module) -> ZeroEngine | None:
+        """The engine sharding ``module`` (None before its optimizer is set up)."""
+        module = getattr(module, "_forward_module", module)  # a _FabricModule
+        return next((engine for engine in self.engines if engine.module is module), None)
+
+    @override
+    def module_init_context(self, empty_init: bool | None = None) -> contextlib.AbstractContextManager:
+        """Stage 3: modules built inside keep only this rank's chunk of their weights from the moment each is
+        built, initialised exactly as without sharding (``empty_init`` is moot). Stages 1-2: as DDP."""
+        if self.config.stage < 3:
+            return super().module_init_context(empty_init)
+        stack = contextlib.ExitStack()
+        stack.enter_context(self.root_device)
+        stack.enter_context(self.precision.module_init_context())
+        stack.enter_context(sharded_init())
+        return stack
+
+    @override
+    def module_sharded_context(self) -> contextlib.AbstractContextManager:
+        return self.module_init_context()
+
+    # ------------------------------------------------------------------ gradients
+    @override
+    def clip_gradients_norm(self, module: Module, optimizer: Optimizer, max_norm: float | int,
+                            norm_type: float | int = 2.0, error_if_nonfinite: bool = True) -> Tensor:
+        """Clip the global norm over every rank's gradient shards; return the norm before clipping."""
+        engine = self.precision.engine_for(optimizer)
+        if error_if_nonfinite:  # as torch's clip_grad_norm_: check before clipping (one host read)
+            total = engine.grad_norm(float(norm_type))
+            if not torch.isfinite(total):
+                raise RuntimeError(
+                    f"The total norm of order {float(norm_type)} for gradients from `parameters` is non-finite, so "
+                    "it cannot be clipped. To disable this error and scale the gradients by the non-finite norm "
+                    "anyway, set `error_if_nonfinite=False`"
+                )
+        return engine.clip_grad_norm_(float(max_norm), float(norm_type))
+
+    @override
+    def clip_gradients_value(self, module: Module, optimizer: Optimizer, clip_val: float | int) -> None:
+        self.precision.engine_for(optimizer).clip_grad_value_(float(clip_val))
+
+    def gathered_parameters(
+        self, params: Iterable[torch.nn.Parameter] | None = None, modifier_rank: int | None = None
+    ) -> contextlib.AbstractContextManager[list[torch.nn.Parameter]]:
+        """Whole values of ``params`` (default: every sharded parameter) inside the block on every rank, like
+        DeepSpeed's ``GatheredParameters``; with ``modifier_rank`` changes made on that rank are written back
+        to every rank's slices on exit. A collective."""
+        chosen = None if params is None else list(params)
+        stack = contextlib.ExitStack()
+        gathered: list[torch.nn.Parameter] = []
+        for engine in self.engines:
+            own = None if chosen is None else [p for p in chosen if any(p is q for q in engine.params)]
+            if own is None or own:
+                gathered += stack.enter_context(engine.gathered_parameters(own, modifier_rank))
+        return _yielding(stack, gathered)
+
+    # ------------------------------------------------------------------ checkpoints
+    # [Note: one format for the Trainer and Fabric] in ``lightning_zero/checkpoint.py``.
+    @override
+    def get_module_state_dict(self, module: Module) -> dict[str, Any]:
+        """The module's state with whole master-precision weights (a collective while it is sharded)."""
+        state = module.state_dict()
+        engine = self.engine_of(module)
+        if engine is not None and engine.holds_sharded_values:
+            state.update(engine.full_params())
+        return state
+
+    @override
+    def get_optimizer_state(self, optimizer: Optimizer) -> dict[str, Any]:
+        """The whole optimizer state keyed by parameter name, on every rank (a collective)."""
+        engine = self.precision.engine_for(optimizer)
+        return engine.optimizer.full_state_dict(engine.group)
+
+    @override
+    def save_checkpoint(
+        self,
+        path: str | os.PathLike[str],
+        state: dict[str, Module | Optimizer | Any],
+        storage_options: Any | None = None,
+        filter: dict[str, Callable[[str, Any], bool]] | None = None,
+    ) -> None:
+        """"sharded": a directory every rank writes its slices into, committed atomically (a collective: call
+        it on every rank); "full", or before launch: one file written by rank 0, atomically."""
+        if storage_options is not None:
+            raise TypeError("ZeroFabricStrategy.save_checkpoint takes no storage_options; it writes files itself")
+        mark("save")
+        launched = dist.is_available() and dist.is_initialized()
+        sharded = [(key, self.engine_of(obj)) for key, obj in state.items()
+                   if isinstance(obj, Module) and self.engine_of(obj) is not None]
+        optimizers = {key: self.precision.engine_for(obj) for key, obj in state.items()
+                      if isinstance(obj, Optimizer) and id(obj) in self.precision._engines}
+        if self.options.state_dict_type == "full" or not launched or not (sharded or optimizers):
+            converted = self._convert_stateful_objects_in_state(state, filter=filter or {})
+            if self.is_global_zero:
+                save_file_atomically(converted, path)
+            return
+        engines = {id(engine): engine for _, engine in sharded} | {id(e): e for e in optimizers.values()}
+        if len(engines) > 1:
+            raise ValueError(
+                "a sharded checkpoint holds one sharded model and its optimizer, and this state holds "
+                f"{len(engines)}: save each model with its optimizer to its own path, or use "
+                "ZeroFabricStrategy(state_dict_type='full')"
+            )
+        engine = next(iter(engines.values()))
+        module_key = next((key for key, e in sharded if e is engine), None)
+        optimizer_key = next((key for key, e in optimizers.items() if e is engine), None)
+        if filter and (module_key in filter or optimizer_key in filter):
+            raise ValueError(
+                f"fabric.save(filter=...) on the sharded model or optimizer ({module_key!r}, {optimizer_key!r}) needs "
+                "whole tensors: use ZeroFabricStrategy(state_dict_type='full'), or drop the filter for those keys"
+            )
+        names = layout_names([engine])
+        rest = {key: obj for key, obj in state.items() if key not in (module_key, optimizer_key)}
+        meta = self._convert_stateful_objects_in_state(rest, filter=filter or {})
+        if module_key is not None:
+            meta[module_key] = {k: v for k, v in engine.module.state_dict().items() if k not in names}
+        if optimizer_key is not None:
+            meta[optimizer_key] = {"lightning_zero": "sharded", "param_groups": engine.optimizer.param_groups()}
+        local, manifest = engine_shards(engine, self.config.stage, optimizer_key is not None,
+                                        entries={"module": module_key, "optimizer": optimizer_key})
+        save_sharded(path, local, meta if self.is_global_zero else None, self._checkpoint_group,
+                     self._timeout or default_pg_timeout, manifest)
+
+    @override
+    def load_checkpoint(
+        self,
+        path: str | os.PathLike[str],
+        state: Module | Optimizer | dict[str, Module | Optimizer | Any] | None = None,
+        strict: bool = True,
+        weights_only: bool | None = None,
+    ) -> dict[str, Any]:
+        """Restore ``state``'s objects from a sharded directory (saved by Fabric or the Trainer, on any world size
+        and stage) or a file (saved by ZeRO "full" or ``ddp``); with no ``state``, return the checkpoint whole."""
+        mark("load")
+        shards: ShardedCheckpoint | None = None
+        if os.path.isdir(path):
+            shards = open_sharded(path, self.global_rank, self.world_size, self._checkpoint_group)
+            if not state:
+                return consolidate_checkpoint(path, optimizer=shards.has_optimizer, weights_only=bool(weights_only))
+            checkpoint = shards.load_meta(weights_only=bool(weights_only))
+            entries = saved_entries(shards.manifest)
+        else:
+            checkpoint = self.checkpoint_io.load_checkpoint(path, weights_only=weights_only)
+            if not state:
+                return checkpoint
+            entries = {"module": None, "optimizer": None}
+        if isinstance(state, (Module, Optimizer)):  # fabric.load_raw: the checkpoint is that object's state
+            key = "module" if isinstance(state, Module) else "optimizer"
+            entry = checkpoint[entries[key]] if shards is not None and entries[key] is not None else checkpoint
+            self._restore(state, _first(entry), shards, strict)
+            return {}
+        modules = [key for key, obj in state.items() if isinstance(obj, (Module, Optimizer))]
+        source_of: dict[str, str] = {}
+        for key in modules:
+            kind = "module" if isinstance(state[key], Module) else "optimizer"
+            saved = entries.get(kind)
+            # The user's key, or the one the other front end saved under (Trainer <-> Fabric).
+            alone = sum(isinstance(state[k], Module) == (kind == "module") for k in modules) == 1
+            source_of[key] = key if key in checkpoint or not (alone and saved in checkpoint) else str(saved)
+        missing = [key for key in state if source_of.get(key, key) not in checkpoint]
+        if strict and missing:
+            raise KeyError(f"The requested state contains keys {missing} that do not exist in the loaded "
+                           f"checkpoint {os.fspath(path)!r} (it holds {sorted(checkpoint)}); pass strict=False to "
+                           "skip them")
+        for key, obj in state.copy().items():
+            source = source_of.get(key, key)
+            if source not in checkpoint:
+                continue
+            if key in source_of:
+                self._restore(obj, _first(checkpoint.pop(source)), shards, strict)
+            elif hasattr(obj, "load_state_dict") and hasattr(obj, "state_dict"):
+                obj.load_state_dict(checkpoint.pop(source))
+            else:
+                state[key] = checkpoint.pop(source)
+        return checkpoint
+
+    def _restore(self, obj: Module | Optimizer, entry: Any, shards: ShardedCheckpoint | None, strict: bool) -> None:
+        if isinstance(obj, Module):
+            restore_module(obj, self.engine_of(obj), entry, shards, strict)
+            return
+        if id(obj) not in self.precision._engines:
+            if shards is not None:
+                raise CheckpointError("a sharded checkpoint's optimizer state loads only into an optimizer set up "
+                                      "with its model (fabric.setup(model, optimizer))")
+            obj.load_state_dict(entry)
+            return
+        restore_optimizer(self.precision.engine_for(obj), entry, shards)
+
+    # ------------------------------------------------------------------ teardown and names
+    @override
+    def teardown(self) -> None:
+        """Give every sharded model whole weights (master precision) and unhook it. A collective."""
+        for engine in self.engines:
+            engine.materialize_module()
+            engine.close()
+        self.engines.clear()
+        for handle in self._hooks:
+            handle.remove()
+        self._hooks.clear()
+        self.precision.release()
+        super().teardown()
+
+@contextlib.contextmanager
+def _yielding(stack: contextlib.ExitStack, value: Any) -> Generator[Any, None, None]:
+    with stack:
+        yield value
+
+
+def _first(entry: Any) -> Any:
+    """The Trainer keeps optimizer states in a list, one per optimizer; Fabric keeps one."""
+    return entry[0] if isinstance(entry, list) and len(entry) == 1 else entry
+
+
+_ROUTED: dict[type, type] = {}
+
+
+def _route_through_engine(optimizer: Optimizer, engine: ZeroEngine) -> None:
+    """Send ``zero_grad``, ``state_dict`` and ``load_state_dict`` through ``engine``; see [Note: Fabric's
+    optimizer calls]."""
+    cls = type(optimizer)
+    if getattr(cls, "_lightning_zero_routed", False):
+        cls = cls.__mro__[1]
+    routed = _ROUTED.get(cls)
+    if routed is None:
+        routed = type(cls.__name__, (cls,), {
+            "__module__": cls.__module__, "__qualname__": cls.__qualname__, "_lightning_zero_routed": True,
+            "zero_grad": _zero_grad, "state_dict": _state_dict, "load_state_dict": _load_state_dict,
+        })
+        _ROUTED[cls] = routed
+    optimizer.__class__ = routed
+    optimizer._lightning_zero_engine = engine  # type: ignore[attr-defined]
+
+
+def _engine(optimizer: Any) -> tuple[Optimizer, ZeroEngine]:
+    inner = getattr(optimizer, "_optimizer", optimizer)  # a _FabricOptimizer
+    return inner, inner._lightning_zero_engine
+
+
+def _zero_grad(self: Any, set_to_none: bool = True) -> None:
+    inner, engine = _engine(self)
+    if engine.holds_gradients:
+        engine.zero_grad()
+    type(inner).__mro__[1].zero_grad(inner, set_to_none)
+
+
+def _state_dict(self: Any) -> dict[str, Any]:
+    _, engine = _engine(self)
+    return engine.optimizer.full_state_dict(engine.group)
+
+
+def _load_state_dict(self: Any, state_dict: dict[str, Any]) -> None:
+    _, engine = _engine(self)
+    restore_optimizer(engine, state_dict, None)

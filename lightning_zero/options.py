@@ -1,0 +1,180 @@
+"""What the Trainer's ``ZeroStrategy`` and Fabric's ``ZeroFabricStrategy`` share: one option set, validated
+once, its documentation, the registered names, the precision pairing and DDP's buffer rule."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any, Literal, TypeVar
+
+import torch
+import torch.distributed as dist
+from lightning.fabric.plugins.collectives.torch_collective import default_pg_timeout
+
+from lightning_zero.config import ReducePolicyName, ZeroConfig
+from lightning_zero.precision import ZeroPrecisionCore
+from lightning_zero.sharding.collectives import broadcast_coalesced, wait_all
+
+__all__ = ["OPTIONS_DOC", "BufferSync", "SharedStrategyMethods", "StrategyOptions", "zero_precision_from"]
+
+PRECISIONS = ("32-true", "bf16-mixed", "16-mixed", "bf16-true", "16-true")
+_GENERIC_PLUGINS = ("Precision", "MixedPrecision", "HalfPrecision")
+_START_METHODS = ("popen", "spawn", "fork", "forkserver")
+
+OPTIONS_DOC = """stage: 1 shards optimizer state, 2 also gradients, 3 also parameters.
+        reduce_policy: "boundary" reduces only on the micro-batch that steps (no collective before it,
+            full local gradients held meanwhile); "every_micro_batch" reduce-scatters every micro-batch so
+            stage 2 keeps gradient memory sharded; "auto" picks per stage (see the README).
+        bucket_numel: elements per gradient bucket.
+        allow_unknown_optimizer: shard an optimizer class not known to be element-wise (you vouch for it).
+        state_dict_type: "sharded" (default): a checkpoint is a directory in which each rank writes only its
+            own slices, committed atomically; resumable on any world size and stage, by the Trainer and by
+            Fabric alike, and ``lightning_zero.consolidate_checkpoint`` turns it into one plain file. "full":
+            one plain file, gathered whole on rank 0 (small models, or tools that expect a file).
+        nonfinite: a NaN or inf loss or gradient outside fp16 loss scaling "raise"s, naming the step and
+            the ranks, or "skip"s the step on every rank; either way no weight takes that step.
+        unit_numel: stage 3 only: a module without weights of its own (a transformer block) is gathered as
+            one unit when it holds at most this many elements (default 2**24) and no stack of blocks.
+        persist_numel: stage 3 only: the smallest units, up to this many elements in all, stay gathered
+            instead of being gathered at each use (default ``None``: the smaller of 2**17 and 1/64 of the
+            model; 0: none).
+        offload: "optimizer" keeps each rank's master slices and optimizer state in CPU memory and steps the
+            optimizer there (ZeRO-Offload); "none" (default) keeps everything on the device.
+        broadcast_buffers: as DDP's ``broadcast_buffers``: every rank takes rank 0's buffers (BatchNorm
+            running statistics) before a forward that follows a training forward, as DDP does, so ranks train
+            and evaluate with the same ones (default True).
+        timeout: how long collectives wait before failing, as for DDP; it also bounds how long a rank waits
+            for one that hangs, and how long a checkpoint save waits for every rank to join.
+        start_method: "popen" (subprocess, like ``ddp``), "spawn", "fork" (notebooks) or "forkserver"."""
+
+
+@dataclass(frozen=True)
+class StrategyOptions:
+    """The options both strategies take, checked once: the engine's ``config`` and the strategy's own."""
+
+    config: ZeroConfig
+    state_dict_type: Literal["sharded", "full"]
+    nonfinite: Literal["raise", "skip"]
+    broadcast_buffers: bool
+    timeout: timedelta | None
+    start_method: Literal["popen", "spawn", "fork", "forkserver"]
+
+    @classmethod
+    def build(
+        cls,
+        stage: int = 2,
+        reduce_policy: ReducePolicyName = "auto",
+        bucket_numel: int = 2**23,
+        allow_unknown_optimizer: bool = False,
+        state_dict_type: str = "sharded",
+        nonfinite: str = "raise",
+        unit_numel: int | None = None,
+        persist_numel: int | None = None,
+        offload: str = "none",
+        broadcast_buffers: bool = True,
+        timeout: timedelta | None = default_pg_timeout,
+        start_method: str = "popen",
+    ) -> StrategyOptions:
+        """Validate every option, raising with the fix before any process starts."""
+        if unit_numel is not None and stage != 3:
+            raise ValueError(f"unit_numel sizes the modules stage 3 gathers together; it does nothing under stage "
+                             f"{stage}: drop it, or use stage=3")
+        if persist_numel is not None and stage != 3:
+            raise ValueError(f"persist_numel sizes the parameters stage 3 keeps gathered; it does nothing under "
+                             f"stage {stage}: drop it, or use stage=3")
+        if timeout is not None and not isinstance(timeout, timedelta):
+            raise TypeError(f"timeout must be a datetime.timedelta, e.g. timedelta(minutes=10), got {timeout!r}")
+        if timeout is not None and timeout <= timedelta(0):
+            raise ValueError(f"timeout must be positive (how long collectives wait before failing), got {timeout!r}; "
+                             "use e.g. timedelta(minutes=10), or None for the default (30 minutes)")
+        if start_method not in _START_METHODS:
+            raise ValueError(f"start_method must be one of {_START_METHODS}, got {start_method!r}")
+        config = ZeroConfig(
+            stage=stage, bucket_numel=bucket_numel, reduce_policy=reduce_policy,
+            allow_unknown_optimizer=allow_unknown_optimizer, offload=offload,  # type: ignore[arg-type]
+            **({"unit_numel": unit_numel} if unit_numel is not None else {}),
+            persist_numel=persist_numel,
+        )
+        if state_dict_type not in ("sharded", "full"):
+            raise ValueError(f"state_dict_type must be 'sharded' or 'full', got {state_dict_type!r}")
+        if nonfinite not in ("raise", "skip"):
+            raise ValueError(f"nonfinite must be 'raise' or 'skip', got {nonfinite!r}")
+        if not isinstance(broadcast_buffers, bool):
+            raise TypeError(f"broadcast_buffers must be True or False, got {broadcast_buffers!r}")
+        return cls(config, state_dict_type, nonfinite, broadcast_buffers, timeout,  # type: ignore[arg-type]
+                   start_method)  # type: ignore[arg-type]
+
+
+def registry_entries() -> Iterator[tuple[str, str, dict[str, Any]]]:
+    """The registered names, as (name, description, keyword arguments), for the Trainer's and Fabric's
+    strategy registries alike."""
+    for stage in (1, 2, 3):
+        for suffix, start_method in (("", "popen"), ("_spawn", "spawn"), ("_notebook", "fork")):
+            yield (f"zero{stage}{suffix}", f"ZeRO stage {stage} with start_method '{start_method}'",
+                   {"stage": stage, "start_method": start_method})
+        yield (f"zero{stage}_offload", f"ZeRO stage {stage} with optimizer state and fp32 masters offloaded to CPU",
+               {"stage": stage, "offload": "optimizer"})
+
+
+P = TypeVar("P", bound=ZeroPrecisionCore)
+
+
+def zero_precision_from(plugin: Any, zero_class: type[P], strategy: str) -> P | None:
+    """The ZeRO precision for ``plugin``: Lightning and Fabric hand a third-party strategy their generic
+    plugin (autocast ``MixedPrecision`` for "bf16-mixed"), converted here by its precision string."""
+    if plugin is None or isinstance(plugin, zero_class):
+        return plugin
+    name = getattr(plugin, "precision", None)
+    if isinstance(plugin, ZeroPrecisionCore):
+        raise ValueError(f"{strategy} pairs with {zero_class.__name__}, not {type(plugin).__name__}: pass "
+                         f"{zero_class.__name__}({name!r}, ...) with the same arguments, or just precision={name!r}")
+    if type(plugin).__name__ not in _GENERIC_PLUGINS or name not in PRECISIONS:
+        raise ValueError(
+            f"{strategy} cannot run {type(plugin).__name__} (precision {name!r}); use precision= one of "
+            f"{', '.join(PRECISIONS)}, or plugins=[lightning_zero.{zero_class.__name__}(...)]"
+        )
+    return zero_class(name)
+
+
+class BufferSync:
+    """DDP's buffer rule ([Note: buffers as under ddp]): rank 0's buffers are broadcast at the start of a
+    forward when the forward before it ran with gradients and with gradient sync."""
+
+    def __init__(self, enabled: bool, world_size: int) -> None:
+        self.enabled = enabled and world_size > 1
+        self.due = True  # as a fresh DDP wrapper: the first forward takes rank 0's buffers
+        self.blocking = False  # inside a no-sync micro-batch
+
+    def before(self, module: torch.nn.Module | None) -> None:
+        """Broadcast ``module``'s buffers from rank 0 if due (a collective on every rank)."""
+        if self.due and self.enabled and module is not None:
+            buffers = list(module.buffers())
+            if buffers:
+                broadcast_coalesced(buffers, None)
+
+    def after(self, training: bool) -> None:
+        """Record whether the forward that just ran makes the next one due."""
+        self.due = training and torch.is_grad_enabled() and not self.blocking
+
+
+class SharedStrategyMethods:
+    """Methods the Trainer's and Fabric's strategies share word for word; mixed in before Lightning's
+    ``DDPStrategy`` of each."""
+
+    @classmethod
+    def register_strategies(cls, strategy_registry: Any) -> None:
+        for name, description, kwargs in registry_entries():
+            strategy_registry.register(name, cls, description=description, **kwargs)
+
+    def barrier(self, *args: Any, **kwargs: Any) -> None:
+        """As ``ddp``'s, but on gloo the barrier's handle stays with Python: a barrier is often a process's last
+        collective (see [Note: keep finished work handles])."""
+        if dist.is_available() and dist.is_initialized() and dist.get_backend() == "gloo":
+            wait_all([dist.barrier(async_op=True)], what="a barrier (strategy.barrier)")
+        else:
+            super().barrier(*args, **kwargs)  # type: ignore[misc]
+
+    def _checkpoint_coordination_group(self, timeout: timedelta | None) -> dist.ProcessGroup | None:
+        """Checkpoint coordination (monitored barrier, small objects) runs on gloo, whatever the backend."""
+        return dist.new_group(backend="gloo", timeout=timeout) if dist.get_backend() != "gloo" else None
