@@ -516,7 +516,8 @@ def restore_module(module: torch.nn.Module, engine: ZeroEngine | None, state: Ma
                    shards: ShardedCheckpoint | None, strict: bool, fill_whole: bool = True) -> None:
     """Load a module's saved ``state`` (whole tensors from a file; buffers only from a sharded checkpoint,
     whose ``shards`` hold the parameters) into ``module``, or into ``engine``'s slices when one shards it.
-    Whole weights in ``state`` win over the shards (a callback put them there: EMA's average).
+    Whole weights in ``state`` win over the shards (a callback put them there: EMA's average); with
+    ``strict=False`` parameters ``state`` lacks keep their values.
     ``fill_whole=False``: ``state`` already holds the shards' whole weights."""
     origin = shards.path if shards is not None else "the checkpoint"
     state = dict(state)
@@ -529,15 +530,20 @@ def restore_module(module: torch.nn.Module, engine: ZeroEngine | None, state: Ma
             raise CheckpointError(f"{origin} does not match this model: {exc}") from exc
         return
     names = layout_names([engine])
-    whole = {k: v for k, v in state.items() if k in names}
-    source: StateSource = shards.source(optimizer=False) if shards is not None and not whole else FullSource(
-        {"params": whole})
+    if shards is None or any(k in names for k in state):
+        # Whole weights (a file, or a callback's average that wins over the shards): the module's own
+        # load_state_dict writes them through to the engine's slices ([Note: load_state_dict writes through]).
+        try:
+            module.load_state_dict(state, strict=strict)
+        except RuntimeError as exc:
+            raise CheckpointError(f"{origin} does not match this model: {exc}") from exc
+        return
+    source: StateSource = shards.source(optimizer=False)
     try:
         engine.check_source(source, optimizer=False)
     except ValueError as exc:
         raise CheckpointError(f"{origin} does not match this model: {exc}") from exc
-    rest = {k: v for k, v in state.items() if k not in names}
-    missing, unexpected = module.load_state_dict(rest, strict=False)
+    missing, unexpected = module.load_state_dict(state, strict=False)
     missing = [k for k in missing if k not in names]
     if strict and (missing or unexpected):
         raise CheckpointError(f"{origin} does not match this model: missing {missing[:5]}, unexpected "

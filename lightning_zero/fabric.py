@@ -27,7 +27,9 @@ from lightning.fabric.plugins.collectives.torch_collective import default_pg_tim
 from lightning.fabric.plugins.precision import Precision
 from lightning.fabric.strategies import DDPStrategy
 from lightning.fabric.strategies.strategy import _BackwardSyncControl, _Sharded
+from lightning.fabric.utilities.rank_zero import rank_zero_warn
 from lightning.fabric.utilities.types import Optimizable
+from lightning_utilities.core.apply_func import apply_to_collection
 from torch import Tensor
 from torch.nn import Module
 from torch.optim import Optimizer
@@ -70,13 +72,32 @@ class ZeroFabricPrecision(ZeroPrecisionCore, Precision):
         self._steps: dict[int, int] = {}  # optimizer steps taken, per engine, for messages
 
     def _engines_of(self, module: Module | None) -> list[ZeroEngine] | None:
+        module = getattr(module, "module", module) if isinstance(module, ZeroModule) else module
         engines = [engine for engine in self._engines.values() if engine.module is module]
         return engines or None  # None: every engine (a loss whose model was not named)
 
     @override
     def backward(self, tensor: Tensor, model: Module | None, *args: Any, **kwargs: Any) -> None:
-        """Flag a non-finite loss for the step's exchange, apply the fp16 loss scale, then backward."""
+        """Flag a non-finite loss for the named model's step, apply the fp16 loss scale, then backward."""
         self._before_backward(tensor, self._engines_of(model)).backward(*args, **kwargs)
+
+    @override
+    def convert_input(self, data: Any) -> Any:
+        """Floating inputs in the 16-bit dtype, as Fabric's own ``MixedPrecision`` and ``HalfPrecision`` give
+        them (the Trainer's plugin leaves them alone, as Lightning's does)."""
+        if self.policy.storage == torch.float32:
+            return data
+        low = self.policy.compute or self.policy.storage
+        return apply_to_collection(data, Tensor, lambda t: t.to(low) if t.is_floating_point() else t)
+
+    @override
+    def convert_output(self, data: Any) -> Any:
+        """Floating outputs back in the default dtype (fp32), as Fabric's own 16-bit plugins give them: a
+        loss computed outside the model is then computed as under ``ddp``."""
+        if self.policy.storage == torch.float32:
+            return data
+        default = torch.get_default_dtype()
+        return apply_to_collection(data, Tensor, lambda t: t.to(default) if t.is_floating_point() else t)
 
     @override
     def optimizer_step(self, optimizer: Optimizable, **kwargs: Any) -> Any:
@@ -110,21 +131,46 @@ class _ZeroBackwardSyncControl(_BackwardSyncControl):
         if engine is None:
             raise TypeError("fabric.no_backward_sync(model) needs a model set up together with its optimizer "
                             "(fabric.setup(model, optimizer) or fabric.setup_optimizers after setup_module)")
-        stack = contextlib.ExitStack()
-        stack.enter_context(engine.no_sync())
-        sync = self._strategy._buffer_sync.get(id(module))
-        if sync is not None:
-            stack.enter_context(_blocking(sync))
-        return stack
+        return _no_sync(engine, self._strategy._buffer_sync.get(id(engine.module)))
 
 
 @contextlib.contextmanager
-def _blocking(sync: BufferSync) -> Generator[None, None, None]:
-    sync.blocking = True
-    try:
-        yield
-    finally:
-        sync.blocking = False
+def _no_sync(engine: ZeroEngine, sync: BufferSync | None) -> Generator[None, None, None]:
+    with engine.no_sync():
+        if sync is not None:
+            sync.blocking = True
+        try:
+            yield
+        finally:
+            if sync is not None:
+                sync.blocking = False
+
+
+class ZeroModule(Module):
+    """What ``fabric.setup`` wraps in its ``_FabricModule``: a thin wrapper, as DDP's, so that Fabric routes
+    ``training_step`` and other marked methods through ``forward`` (autocast, input conversion) and so that
+    rank 0's buffers are broadcast on a forward through Fabric only (DDP's rule), never on a direct call of
+    the inner module on some ranks. The engine hooks the inner module, whose names carry no prefix."""
+
+    def __init__(self, module: Module, sync: BufferSync, strategy: ZeroFabricStrategy) -> None:
+        super().__init__()
+        self.module = module
+        self._sync = sync
+        self._strategy = [strategy]  # in a list: not a submodule, not in state_dict
+        self._warned = False
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        if (not self._warned and torch.is_grad_enabled() and self._strategy[0].world_size > 1
+                and self._strategy[0].engine_of(self.module) is None
+                and any(p.requires_grad for p in self.module.parameters())):
+            self._warned = True
+            rank_zero_warn("this model was set up without an optimizer, so ZeRO reduces none of its gradients: "
+                           "set its optimizer up too (fabric.setup_optimizers(optimizer)), or run it under "
+                           "torch.no_grad() if it only infers")
+        self._sync.before(self.module)
+        output = self.module(*args, **kwargs)
+        self._sync.after(True)
+        return output
 
 
 class ZeroFabricStrategy(SharedStrategyMethods, DDPStrategy, _Sharded):
@@ -228,20 +274,18 @@ class ZeroFabricStrategy(SharedStrategyMethods, DDPStrategy, _Sharded):
 
     @override
     def setup_module(self, module: Module) -> Module:
-        """Keep ``module`` as it is (no wrapper): its engine is built with its optimizer. Every rank takes
+        """Wrap ``module`` thinly (``ZeroModule``); its engine is built with its optimizer. Every rank takes
         rank 0's weights and buffers, as DDP's wrapper does."""
         self._modules.append(module)
         sync = BufferSync(self.options.broadcast_buffers, self.world_size)
         self._buffer_sync[id(module)] = sync
-        self._hooks.append(module.register_forward_pre_hook(lambda m, _args: sync.before(m)))
-        self._hooks.append(module.register_forward_hook(lambda _m, _args, _out: sync.after(True)))
         if any(p in pending_chunks for p in module.parameters()):
             # Built sharded (stage 3's init_module): only its engine can assemble it.
             self._hooks.append(module.register_forward_pre_hook(self._refuse_unassembled))
         elif self.world_size > 1:
             with torch.no_grad():
                 broadcast_coalesced([*module.parameters(), *module.buffers()], None)
-        return module
+        return ZeroModule(module, sync, self)
 
     def _refuse_unassembled(self, module: Module, _args: Any) -> None:
         if self.engine_of(module) is None:
@@ -281,7 +325,7 @@ class ZeroFabricStrategy(SharedStrategyMethods, DDPStrategy, _Sharded):
 
     def engine_of(self, module: Module) -> ZeroEngine | None:
         """The engine sharding ``module`` (None before its optimizer is set up)."""
-        module = getattr(module, "_forward_module", module)  # a _FabricModule
+        module = _inner(module)
         return next((engine for engine in self.engines if engine.module is module), None)
 
     @override
@@ -326,20 +370,14 @@ class ZeroFabricStrategy(SharedStrategyMethods, DDPStrategy, _Sharded):
         """Whole values of ``params`` (default: every sharded parameter) inside the block on every rank, like
         DeepSpeed's ``GatheredParameters``; with ``modifier_rank`` changes made on that rank are written back
         to every rank's slices on exit. A collective."""
-        chosen = None if params is None else list(params)
-        stack = contextlib.ExitStack()
-        gathered: list[torch.nn.Parameter] = []
-        for engine in self.engines:
-            own = None if chosen is None else [p for p in chosen if any(p is q for q in engine.params)]
-            if own is None or own:
-                gathered += stack.enter_context(engine.gathered_parameters(own, modifier_rank))
-        return _yielding(stack, gathered)
+        return _gathered(self.engines, None if params is None else list(params), modifier_rank)
 
     # ------------------------------------------------------------------ checkpoints
     # [Note: one format for the Trainer and Fabric] in ``lightning_zero/checkpoint.py``.
     @override
     def get_module_state_dict(self, module: Module) -> dict[str, Any]:
         """The module's state with whole master-precision weights (a collective while it is sharded)."""
+        module = _inner(module)
         state = module.state_dict()
         engine = self.engine_of(module)
         if engine is not None and engine.holds_sharded_values:
@@ -348,9 +386,16 @@ class ZeroFabricStrategy(SharedStrategyMethods, DDPStrategy, _Sharded):
 
     @override
     def get_optimizer_state(self, optimizer: Optimizer) -> dict[str, Any]:
-        """The whole optimizer state keyed by parameter name, on every rank (a collective)."""
+        """A sharded optimizer's whole state keyed by parameter name, on every rank (a collective); any other
+        optimizer's as under ``ddp``."""
+        if id(getattr(optimizer, "_optimizer", optimizer)) not in self.precision._engines:
+            return super().get_optimizer_state(optimizer)
         engine = self.precision.engine_for(optimizer)
         return engine.optimizer.full_state_dict(engine.group)
+
+    @override
+    def load_module_state_dict(self, module: Module, state_dict: dict[str, Any], strict: bool = True) -> None:
+        _inner(module).load_state_dict(state_dict, strict=strict)
 
     @override
     def save_checkpoint(
@@ -424,20 +469,27 @@ class ZeroFabricStrategy(SharedStrategyMethods, DDPStrategy, _Sharded):
             checkpoint = self.checkpoint_io.load_checkpoint(path, weights_only=weights_only)
             if not state:
                 return checkpoint
-            entries = {"module": None, "optimizer": None}
+            trainer_file = "pytorch-lightning_version" in checkpoint and "state_dict" in checkpoint
+            entries = saved_entries({}) if trainer_file else {"module": None, "optimizer": None}
         if isinstance(state, (Module, Optimizer)):  # fabric.load_raw: the checkpoint is that object's state
-            key = "module" if isinstance(state, Module) else "optimizer"
-            entry = checkpoint[entries[key]] if shards is not None and entries[key] is not None else checkpoint
-            self._restore(state, _first(entry), shards, strict)
+            kind = "module" if isinstance(state, Module) else "optimizer"
+            key = entries.get(kind)
+            if key is not None and key not in checkpoint:
+                raise CheckpointError(f"{os.fspath(path)} holds no {kind} state (no {key!r} entry)")
+            entry = checkpoint[key] if key is not None else checkpoint
+            self._restore(state, _first(entry), shards, strict, whole_from_shards=True)
             return {}
-        modules = [key for key, obj in state.items() if isinstance(obj, (Module, Optimizer))]
+        # A key the checkpoint lacks maps onto the Trainer's entry when the checkpoint is the Trainer's and this
+        # state asks for one model (one optimizer): a Trainer checkpoint loads into {"model":..., "optimizer":...}.
+        trainer_saved = entries == saved_entries({})
+        objects = [key for key, obj in state.items() if isinstance(obj, (Module, Optimizer))]
         source_of: dict[str, str] = {}
-        for key in modules:
+        for key in objects:
             kind = "module" if isinstance(state[key], Module) else "optimizer"
             saved = entries.get(kind)
-            # The user's key, or the one the other front end saved under (Trainer <-> Fabric).
-            alone = sum(isinstance(state[k], Module) == (kind == "module") for k in modules) == 1
-            source_of[key] = key if key in checkpoint or not (alone and saved in checkpoint) else str(saved)
+            alone = sum(isinstance(state[k], Module) == (kind == "module") for k in objects) == 1
+            remap = trainer_saved and key not in checkpoint and alone and saved in checkpoint
+            source_of[key] = str(saved) if remap else key
         missing = [key for key in state if source_of.get(key, key) not in checkpoint]
         if strict and missing:
             raise KeyError(f"The requested state contains keys {missing} that do not exist in the loaded "
@@ -448,19 +500,22 @@ class ZeroFabricStrategy(SharedStrategyMethods, DDPStrategy, _Sharded):
             if source not in checkpoint:
                 continue
             if key in source_of:
-                self._restore(obj, _first(checkpoint.pop(source)), shards, strict)
+                self._restore(obj, _first(checkpoint.pop(source)), shards, strict,
+                              whole_from_shards=source == entries.get("module"))
             elif hasattr(obj, "load_state_dict") and hasattr(obj, "state_dict"):
                 obj.load_state_dict(checkpoint.pop(source))
             else:
                 state[key] = checkpoint.pop(source)
         return checkpoint
 
-    def _restore(self, obj: Module | Optimizer, entry: Any, shards: ShardedCheckpoint | None, strict: bool) -> None:
+    def _restore(self, obj: Module | Optimizer, entry: Any, shards: ShardedCheckpoint | None, strict: bool,
+                 whole_from_shards: bool) -> None:
+        """Load ``entry`` into ``obj``; the shards' weights go only to the module they were saved from."""
         if isinstance(obj, Module):
-            restore_module(obj, self.engine_of(obj), entry, shards, strict)
+            restore_module(_inner(obj), self.engine_of(obj), entry, shards if whole_from_shards else None, strict)
             return
         if id(obj) not in self.precision._engines:
-            if shards is not None:
+            if shards is not None and isinstance(entry, dict) and entry.get("lightning_zero") == "sharded":
                 raise CheckpointError("a sharded checkpoint's optimizer state loads only into an optimizer set up "
                                       "with its model (fabric.setup(model, optimizer))")
             obj.load_state_dict(entry)
@@ -470,21 +525,33 @@ class ZeroFabricStrategy(SharedStrategyMethods, DDPStrategy, _Sharded):
     # ------------------------------------------------------------------ teardown and names
     @override
     def teardown(self) -> None:
-        """Give every sharded model whole weights (master precision) and unhook it. A collective."""
+        """Give every sharded model whole weights (master precision) and unhook it (a collective). The
+        engines stay, so a ``fabric.save`` afterwards still writes the optimizer state, as in the Trainer."""
         for engine in self.engines:
             engine.materialize_module()
             engine.close()
-        self.engines.clear()
         for handle in self._hooks:
             handle.remove()
         self._hooks.clear()
-        self.precision.release()
         super().teardown()
 
+
 @contextlib.contextmanager
-def _yielding(stack: contextlib.ExitStack, value: Any) -> Generator[Any, None, None]:
-    with stack:
-        yield value
+def _gathered(engines: list[ZeroEngine], chosen: list[torch.nn.Parameter] | None,
+              modifier_rank: int | None) -> Generator[list[torch.nn.Parameter], None, None]:
+    gathered: list[torch.nn.Parameter] = []
+    with contextlib.ExitStack() as stack:
+        for engine in engines:
+            own = None if chosen is None else [p for p in chosen if any(p is q for q in engine.params)]
+            if own is None or own:
+                gathered += stack.enter_context(engine.gathered_parameters(own, modifier_rank))
+        yield gathered
+
+
+def _inner(module: Any) -> Any:
+    """The user's module behind Fabric's ``_FabricModule`` and this strategy's ``ZeroModule``."""
+    module = getattr(module, "_forward_module", module)
+    return module.module if isinstance(module, ZeroModule) else module
 
 
 def _first(entry: Any) -> Any:
@@ -519,7 +586,7 @@ def _engine(optimizer: Any) -> tuple[Optimizer, ZeroEngine]:
 
 def _zero_grad(self: Any, set_to_none: bool = True) -> None:
     inner, engine = _engine(self)
-    if engine.holds_gradients:
+    if engine.window_open:
         engine.zero_grad()
     type(inner).__mro__[1].zero_grad(inner, set_to_none)
 

@@ -25,7 +25,7 @@ _START_METHODS = ("popen", "spawn", "fork", "forkserver")
 OPTIONS_DOC = """stage: 1 shards optimizer state, 2 also gradients, 3 also parameters.
         reduce_policy: "boundary" reduces only on the micro-batch that steps (no collective before it,
             full local gradients held meanwhile); "every_micro_batch" reduce-scatters every micro-batch so
-            stage 2 keeps gradient memory sharded; "auto" picks per stage (see the README).
+            stage 2 keeps gradient memory sharded; "auto" picks per stage (see docs/trainer.md).
         bucket_numel: elements per gradient bucket.
         allow_unknown_optimizer: shard an optimizer class not known to be element-wise (you vouch for it).
         state_dict_type: "sharded" (default): a checkpoint is a directory in which each rank writes only its

@@ -96,8 +96,9 @@ class ZeroPrecisionCore:
             return self._engines[id(optimizer)]
         except KeyError:
             raise RuntimeError(
-                "this optimizer is not sharded by lightning-zero: optimizers must come from configure_optimizers() "
-                "(Trainer) or go through fabric.setup(model, optimizer) (Fabric), so the strategy can set them up"
+                f"this optimizer is not sharded by lightning-zero: {type(self).__name__} works with the ZeRO "
+                "strategies only (strategy='zero1', 'zero2' or 'zero3'), and optimizers must come from "
+                "configure_optimizers() (Trainer) or go through fabric.setup(model, optimizer) (Fabric)"
             ) from None
 
     # ------------------------------------------------------------------ module and compute
@@ -121,17 +122,21 @@ class ZeroPrecisionCore:
         return contextlib.nullcontext()
 
     # ------------------------------------------------------------------ backward and step
-    def _before_backward(self, tensor: Tensor, engines: list[ZeroEngine] | None = None) -> Tensor:
-        """Flag a non-finite loss for ``engines`` (default: all bound) and apply the fp16 loss scale."""
+    def _before_backward(self, tensor: Tensor, flagged: list[ZeroEngine] | None = None) -> Tensor:
+        """Flag a non-finite loss for the ``flagged`` engines (default: all bound) and apply the fp16 loss
+        scale, in fp32 (2**16 times a 16-bit loss would overflow), telling every engine the scale it divides
+        out: the loss may reach the parameters of any of them."""
         mark("backward")
-        engines = list(self._engines.values()) if engines is None else engines
+        flagged = list(self._engines.values()) if flagged is None else flagged
         nonfinite = ~torch.isfinite(tensor.detach()).all()  # read in the step's one flag exchange: no sync here
-        for engine in engines:
+        for engine in flagged:
             engine.loss_nonfinite = nonfinite | engine.loss_nonfinite
         if self.scaler is None:
             return tensor
-        for engine in engines:
+        for engine in self._engines.values():
             engine.loss_scale = self.scaler.scale  # divided out once, when the gradients are reduced
+        if tensor.dtype in (torch.float16, torch.bfloat16):
+            tensor = tensor.float()
         return tensor * self.scaler.scale
 
     @property
@@ -143,7 +148,8 @@ class ZeroPrecisionCore:
                      step_name: str) -> Any:
         """Run ``closure``, then one sharded step: a non-finite loss or gradient on any rank skips it on
         every rank (fp16: shrink the loss scale; otherwise raise or skip by ``nonfinite``)."""
-        closure_result = closure()
+        with torch.enable_grad():  # as torch's optimizers run a closure
+            closure_result = closure()
         mark("optimizer step")
         bad_loss, bad_grad = engine.nonfinite_ranks()
         if self.scaler is not None:

@@ -189,7 +189,7 @@ def test_bad_setups_fail_at_setup_naming_the_fix(pools) -> None:
         assert "2 models set up separately" in messages[1] and "ModuleDict" in messages[1]
 
 
-def two_models(stage: int) -> float:
+def two_models(stage: int, path: str) -> float:
     """Two models set up separately, each with its own optimizer, trained in one loop (a GAN's shape: the
     second consumes the first's output), against the same under Fabric's ddp."""
     results = {}
@@ -216,13 +216,20 @@ def two_models(stage: int) -> float:
             opt_c.zero_grad()
         results[name] = {**{f"g.{n}": p for n, p in _whole(fabric, gen).items()},
                          **{f"c.{n}": p for n, p in _whole(fabric, critic).items()}}
+        if name == "zero":  # one sharded checkpoint holds one sharded model: refused on every rank, no hang
+            try:
+                fabric.save(os.path.join(path, "both"), {"gen": gen, "critic": critic})
+                raise AssertionError("saving two sharded models to one path must fail")
+            except ValueError as exc:
+                assert "save each model with its optimizer to its own path" in str(exc), exc
+            fabric.save(os.path.join(path, "gen"), {"gen": gen, "opt_g": opt_g})
     reference = results["ddp_find_unused_parameters_true"]
     return max(((results["zero"][n] - ref).norm() / ref.norm()).item() for n, ref in reference.items())
 
 
 @pytest.mark.parametrize("stage", [2, 3])
-def test_two_models_with_an_optimizer_each_train_as_under_ddp(pools, stage) -> None:
-    worst = pools(2).run(two_models, stage)[0]
+def test_two_models_with_an_optimizer_each_train_as_under_ddp(pools, tmp_path, stage) -> None:
+    worst = pools(2).run(two_models, stage, os.fspath(tmp_path))[0]
     print(f"stage {stage}: generator and critic, worst {worst:.2e}")
     assert worst <= 1e-5
 
@@ -299,3 +306,81 @@ def test_checkpoints_cross_between_fabric_and_the_trainer(pools, tmp_path, stage
     print(f"stage {stage}: {result}")
     assert result["trainer_to_fabric"] == 0.0 and result["fabric_to_trainer"] == 0.0
     assert result["worst"] <= 1e-5
+
+
+def user_paths(strategy: Any, precision: str, path: str) -> dict[str, Any]:
+    """A LightningModule stepped through ``model.training_step`` (Fabric routes it through forward, so autocast
+    applies), pretrained weights loaded with ``model.load_state_dict`` after setup (whole, then a partial
+    ``strict=False`` one), a second model set up without an optimizer and an optimizer Fabric never set up,
+    saved and loaded together."""
+    fabric = _fabric(strategy, precision)
+    lit = LitTiny("adamw")
+    model, opt = fabric.setup(lit, lit.configure_optimizers())
+    teacher = fabric.setup_module(build_model(3))
+    temperature = torch.nn.Parameter(torch.ones(1))
+    aux = torch.optim.SGD([temperature], lr=0.1)
+    pretrained = {f"net.{k}": v for k, v in build_model(7).state_dict().items()}
+    model.load_state_dict(pretrained)
+    head = {k: v for k, v in build_model(9).state_dict().items() if k.startswith("head.")}
+    missing, _ = model.load_state_dict({f"net.{k}": v for k, v in head.items()}, strict=False)
+    assert "net.embed.weight" in missing and "net.head.weight" not in missing, missing
+    for step in range(6):
+        x, y = batch(step, 0, dist.get_rank(), dist.get_world_size())
+        loss = model.training_step((x, y, step), step)
+        fabric.backward(loss)
+        with torch.no_grad():
+            teacher(x)
+        opt.step()
+        opt.zero_grad()
+        if step == 2:
+            fabric.save(path, {"model": model, "optimizer": opt, "teacher": teacher, "aux": aux})
+            fabric.load(path, {"model": model, "optimizer": opt, "teacher": teacher, "aux": aux})
+    if isinstance(fabric.strategy, ZeroFabricStrategy):  # the fp32 masters (the module computes in bf16)
+        names = dict(lit.named_parameters())
+        return {n: t for n, t in fabric.strategy.engine_of(model).full_params().items() if n in names}
+    return _whole(fabric, model)
+
+
+@pytest.mark.parametrize("stage", [2, 3])
+def test_user_paths_in_bf16_mixed_match_fabric_ddp(pools, tmp_path, stage) -> None:
+    def run(strategy: Any, name: str) -> dict[str, torch.Tensor]:
+        return pools(2).run(user_paths, strategy, "bf16-mixed", os.fspath(tmp_path / name))[0]
+
+    reference = run("ddp_find_unused_parameters_true", "ddp")
+    zero = run(ZeroFabricStrategy(stage=stage, bucket_numel=150), "zero")
+    worst = max(((zero[n] - ref.float()).norm() / ref.float().norm()).item() for n, ref in reference.items())
+    print(f"stage {stage} bf16-mixed: worst {worst:.2e}")
+    assert worst <= 1e-5
+
+
+def fp16_steps(stage: int) -> dict[str, Any]:
+    """fp16 with dynamic loss scaling (from 2**8: no gradient overflows on this model), the loss computed
+    outside the model from outputs Fabric gives back in fp32: no step skipped, and close to the same run in
+    fp32 (fp16 rounding only)."""
+    results = {}
+    for precision in ("32-true", "16-mixed"):
+        plugin = ZeroFabricPrecision(precision, initial_scale_power=8) if precision == "16-mixed" else (
+            ZeroFabricPrecision(precision))
+        fabric = _fabric(ZeroFabricStrategy(stage=stage, bucket_numel=150, precision=plugin))
+        model = build_model(0)
+        model, opt = fabric.setup(model, torch.optim.SGD(param_groups(model, 0.05), lr=0.05))
+        for step in range(6):
+            fabric.backward(loss_of(model, step, 0, 1))
+            opt.step()
+            opt.zero_grad()
+        results[precision] = (_whole(fabric, model), plugin.skipped_steps, plugin.loss_scale)
+    whole32, whole16 = results["32-true"][0], results["16-mixed"][0]
+    gap = max(((whole16[n] - whole32[n]).norm() / whole32[n].norm()).item() for n in whole32)
+    return {"skipped": results["16-mixed"][1], "scale": results["16-mixed"][2], "gap": gap}
+
+
+def test_fp16_loss_scaling_under_fabric(pools) -> None:
+    result = pools(2).run(fp16_steps, 2)[0]
+    print(f"fp16: {result}")
+    assert result["skipped"] == 0 and result["scale"] == 2.0**8 and result["gap"] < 2e-2
+
+
+def test_a_16_bit_loss_is_scaled_in_fp32() -> None:
+    plugin = ZeroFabricPrecision("16-mixed")
+    scaled = plugin._before_backward(torch.tensor(0.5, dtype=torch.float16))
+    assert scaled.dtype == torch.float32 and scaled.item() == 0.5 * 2**16  # in fp16: inf

@@ -164,6 +164,10 @@ class ZeroEngine:
             device=self.device,
         )
         self._flags: _StepFlags | None = None
+        # module.load_state_dict() writes through to the slices ([Note: load_state_dict writes through]).
+        self._taken: dict[str, torch.Tensor] = {}
+        self._load_hooks = [module.register_load_state_dict_pre_hook(self._take_params),
+                            module.register_load_state_dict_post_hook(self._load_taken_params)]
         self._checked_in_place = False  # the first step checks the parameters are still the buckets' views
         #: Set by the precision plugin before backward: whether this window's loss was not finite (a device
         #: flag, read in the step's one flag exchange).
@@ -269,9 +273,10 @@ class ZeroEngine:
 
     # ------------------------------------------------------------------ training
     @property
-    def holds_gradients(self) -> bool:
-        """Whether a backward added gradients since the last step or ``zero_grad``."""
-        return any(self.reducer.had_grad)
+    def window_open(self) -> bool:
+        """Whether anything happened since the last step or ``zero_grad``: a backward added gradients, or the
+        window was reduced (clipping, norms) without stepping."""
+        return any(self.reducer.had_grad) or self._flags is not None or self.reducer.finished
 
     def no_sync(self) -> contextlib.AbstractContextManager[None]:
         """Backwards inside accumulate locally (no collective) under the "boundary" policy."""
@@ -600,6 +605,38 @@ class ZeroEngine:
                     params[name] = value
         return params
 
+    # [Note: load_state_dict writes through]
+    # After setup a parameter's values live in the engine's slices: under stage 3 the module holds empty
+    # placeholders, and under *-mixed or offload the fp32 master slice is what the next step updates and
+    # gathers. A plain ``module.load_state_dict(sd)`` (litgpt loads pretrained weights that way after
+    # ``fabric.setup``; ``fabric.load_raw``; a callback swapping weights) would copy into the placeholders or
+    # leave the masters stale, and the first step would silently undo the load. So the module's own
+    # load_state_dict takes the parameters out of ``sd`` before torch copies anything (a pre-hook on the root)
+    # and writes them into the slices afterwards (a post-hook), as ``load_state`` does; parameters ``sd`` does
+    # not hold keep their values (``strict=False``) and are reported missing as torch reports them. Buffers
+    # load as usual. It runs on every rank that calls it; under stage 3 or with fp32 masters a partial
+    # ``sd`` reads the current values first (a collective).
+    def _take_params(self, module: torch.nn.Module, state_dict: dict[str, Any], prefix: str, *_: Any) -> None:
+        if module is not self.module:
+            return
+        for record in self.layout.params:
+            for name in (record.fqn, *record.aliases):
+                if prefix + name in state_dict:
+                    self._taken.setdefault(record.fqn, state_dict.pop(prefix + name))
+
+    def _load_taken_params(self, module: torch.nn.Module, incompatible: Any) -> None:
+        taken, self._taken = self._taken, {}
+        if not taken:
+            return
+        names = {name for r in self.layout.params if r.fqn in taken for name in (r.fqn, *r.aliases)}
+        incompatible.missing_keys[:] = [k for k in incompatible.missing_keys if k not in names]
+        wrong = [f"{r.fqn}: {tuple(taken[r.fqn].shape)} != {tuple(r.shape)}" for r in self.layout.params
+                 if r.fqn in taken and tuple(taken[r.fqn].shape) != tuple(r.shape)]
+        if wrong:
+            raise RuntimeError(f"size mismatch in load_state_dict: {wrong[:3]}")
+        whole = taken if len(taken) == len(self.layout.params) else {**self.full_params(), **taken}
+        self.load_state(FullSource({"params": whole}), optimizer=False)
+
     def load_full_state_dict(self, state: Mapping[str, Any]) -> None:
         """Restore from a ``full_state_dict()`` saved on any world size; each rank keeps its slices."""
         self.load_state(FullSource(state), optimizer="optimizer" in state)
@@ -710,6 +747,8 @@ class ZeroEngine:
         could make destroying it wait)."""
         self.reducer.remove_hooks()
         self.optimizer.remove_hooks()
+        for handle in self._load_hooks:
+            handle.remove()
         if self.sharder is not None:
             self.sharder.remove_hooks()
         if release_group:

@@ -203,6 +203,11 @@ class GradientReducer:
             # must still take part in the same reduce-scatters.
             self._end_of_backward()
 
+    @property
+    def finished(self) -> bool:
+        """Whether this window's reductions were finished (the step, or clipping, reduced)."""
+        return self._finished
+
     def late_buckets(self) -> list[bool]:
         """For each bucket in ``order``, whether this rank holds gradients that came after it launched."""
         return [bucket.late is not None for bucket in self.order]

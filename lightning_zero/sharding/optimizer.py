@@ -51,6 +51,8 @@ def check_elementwise(optimizer: optim.Optimizer, allow_unknown: bool = False) -
     compute something else. Unknown classes need ``allow_unknown=True``: the caller vouches for them.
     """
     cls = type(optimizer)
+    if getattr(cls, "_lightning_zero_routed", False):  # Fabric's routed subclass: judge the user's class
+        cls = cls.__mro__[1]
     for klass in cls.__mro__:
         reason = _WHOLE_TENSOR_REASONS.get(klass.__name__)
         if reason is not None:
