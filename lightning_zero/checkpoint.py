@@ -99,7 +99,8 @@ def _crc32(path: str) -> int:
 
 def _write_durably(path: str, write: Callable[[IO[bytes]], None]) -> dict[str, int]:
     """Write a file and flush it to disk; its size and CRC-32 for the manifest. A full disk is named as such
-    (torch's zip writer reports it as "unexpected pos" or "file write failed")."""
+    (torch's zip writer reports it as "unexpected pos" or "file write failed"), and a failed write with free
+    space left names a quota as the likely cause."""
     try:
         with open(path, "wb") as f:
             write(f)
@@ -113,6 +114,10 @@ def _write_durably(path: str, write: Callable[[IO[bytes]], None]) -> dict[str, i
         if free < max(written, 1 << 20):
             raise OSError(errno.ENOSPC, f"No space left on device writing {path}: {free:,} bytes free after "
                                         f"{written:,} written; free space or save elsewhere ({exc})") from exc
+        if isinstance(exc, RuntimeError):  # torch's zip writer hides the errno; the disk is not full
+            raise OSError(errno.EIO, f"writing {path} failed after {written:,} bytes with {free:,} bytes free on the "
+                                     "disk: a disk quota (EDQUOT: `quota -s` shows yours) or an I/O error; free "
+                                     f"quota or save elsewhere ({exc})") from exc
         raise
     return {"bytes": os.path.getsize(path), "crc32": _crc32(path)}
 

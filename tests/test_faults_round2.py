@@ -146,6 +146,18 @@ def test_a_full_disk_is_named(tmp_path, monkeypatch) -> None:
     assert caught.value.errno == errno.ENOSPC and "unexpected pos" in str(caught.value)
 
 
+def test_a_failed_write_with_free_space_names_a_quota(tmp_path, monkeypatch) -> None:
+    """A quota (EDQUOT) fails torch's zip writer as a full disk does, but the disk shows free space."""
+    def torch_zip_writer(f: Any) -> None:
+        f.write(b"x" * 1000)
+        raise RuntimeError("PytorchStreamWriter failed writing file data/0: file write failed")
+
+    monkeypatch.setattr("shutil.disk_usage", lambda _: type("Usage", (), {"free": 10 * 2**30})())
+    with pytest.raises(OSError, match="disk quota") as caught:
+        _write_durably(str(tmp_path / "file.pt"), torch_zip_writer)
+    assert "EDQUOT" in str(caught.value) and "file write failed" in str(caught.value)
+
+
 # ---------------------------------------------------------------------------------------------- in-place casts
 class CastsItsWeight(LitTiny):
     """A module that replaces its own weight after the forward, or casts it after backward."""
@@ -188,3 +200,37 @@ def test_a_module_that_replaces_its_weight_is_named_on_the_first_step(pools, sta
         assert all(f"{name} is no longer the tensor ZeRO trains" in e and "Cast the inputs" in e for e in errors)
         if how == "cast on rank 1":
             assert all("on rank 1" in e for e in errors)
+
+
+def test_whereabouts_store_calls_wait_at_most_the_patience(monkeypatch) -> None:
+    """A host that vanished without closing its connections must not hold the failure path for the store's
+    own timeout (the process group's 30 minutes): every store call in it waits at most the patience."""
+    from datetime import timedelta
+
+    import torch.distributed as dist
+
+    from lightning_zero.sharding import whereabouts
+
+    seen: list[timedelta] = []
+
+    class Store:
+        timeout = timedelta(minutes=30)
+
+        def set_timeout(self, timeout: timedelta) -> None:
+            self.timeout = timeout
+
+        def set(self, key: str, value: str) -> None:
+            seen.append(self.timeout)
+
+        def check(self, keys: list[str]) -> bool:
+            seen.append(self.timeout)
+            return False
+
+    store = Store()
+    monkeypatch.setattr(dist.distributed_c10d, "_get_default_store", lambda: store)
+    monkeypatch.setattr(dist, "get_rank", lambda *_: 0)
+    monkeypatch.setattr(dist, "get_world_size", lambda *_: 2)
+    text = whereabouts.describe_ranks("a test", patience_s=0.2)
+    assert seen and all(t == timedelta(seconds=0.2) for t in seen), seen
+    assert store.timeout == timedelta(minutes=30)  # restored
+    assert "rank 1 said nothing within 0s" in text or "rank 1 said nothing" in text

@@ -12,9 +12,13 @@ its epoch while another is still training) as the cause when they are.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
+from datetime import timedelta
+from typing import Any
 
 import torch.distributed as dist
 
@@ -83,6 +87,22 @@ def publish(error: BaseException | None = None) -> None:
         pass  # no process group, or its store is gone: nothing to tell
 
 
+@contextlib.contextmanager
+def _store_timeout(store: Any, timeout: timedelta) -> Iterator[None]:
+    """``store``'s operations time out after ``timeout`` inside the block (its own timeout after)."""
+    try:
+        previous = store.timeout
+        store.set_timeout(timeout)
+    except (AttributeError, RuntimeError):  # a store without a settable timeout: its own applies
+        yield
+        return
+    try:
+        yield
+    finally:
+        with contextlib.suppress(AttributeError, RuntimeError):
+            store.set_timeout(previous)
+
+
 def describe_ranks(waiting: str, patience_s: float = 3.0) -> str:
     """What every rank was doing when this rank's wait for ``waiting`` failed: this rank's position, each
     other rank's as it published it within ``patience_s`` seconds, and the likely cause. Empty when there
@@ -92,19 +112,22 @@ def describe_ranks(waiting: str, patience_s: float = 3.0) -> str:
         rank, world = dist.get_rank(), dist.get_world_size()
     except (RuntimeError, ValueError, AttributeError):
         return ""
-    publish()
     heard: dict[int, dict] = {}
-    try:
-        deadline = time.monotonic() + patience_s
-        while len(heard) < world - 1 and time.monotonic() < deadline:
-            for other in range(world):
-                key = _KEY.format(_fits, other)
-                if other == rank or other in heard or not store.check([key]):
-                    continue
-                heard[other] = json.loads(store.get(key))
-            time.sleep(0.05)
-    except (RuntimeError, ValueError, OSError):  # the store went away with rank 0: say what is known
-        pass
+    # Each store call waits at most the patience: a host that vanished without closing its connections
+    # would otherwise hold this rank for the store's own timeout (the process group's, 30 minutes).
+    with _store_timeout(store, timedelta(seconds=patience_s)):
+        publish()
+        try:
+            deadline = time.monotonic() + patience_s
+            while len(heard) < world - 1 and time.monotonic() < deadline:
+                for other in range(world):
+                    key = _KEY.format(_fits, other)
+                    if other == rank or other in heard or not store.check([key]):
+                        continue
+                    heard[other] = json.loads(store.get(key))
+                time.sleep(0.05)
+        except (RuntimeError, ValueError, OSError):  # the store went away with rank 0: say what is known
+            pass
     lines = [f"rank {rank} (this one) was {whereabouts.describe()}, waiting for {waiting}"]
     positions = {rank: whereabouts}
     for other in range(world):
