@@ -82,6 +82,18 @@ class ZeroFabricPrecision(ZeroPrecisionCore, Precision):
         self._before_backward(tensor, self._engines_of(model)).backward(*args, **kwargs)
 
     @override
+    def tensor_init_context(self) -> contextlib.AbstractContextManager:
+        """``*-true``: tensors and modules are created in the 16-bit dtype, as Fabric's ``HalfPrecision`` creates
+        them (no fp32 copy of the model at init); otherwise as created."""
+        if self.policy.master == self.policy.storage and self.policy.storage != torch.float32:
+            return _default_dtype(self.policy.storage)
+        return contextlib.nullcontext()
+
+    @override
+    def module_init_context(self) -> contextlib.AbstractContextManager:
+        return self.tensor_init_context()
+
+    @override
     def convert_input(self, data: Any) -> Any:
         """Floating inputs in the 16-bit dtype, as Fabric's own ``MixedPrecision`` and ``HalfPrecision`` give
         them (the Trainer's plugin leaves them alone, as Lightning's does)."""
@@ -546,6 +558,16 @@ def _gathered(engines: list[ZeroEngine], chosen: list[torch.nn.Parameter] | None
             if own is None or own:
                 gathered += stack.enter_context(engine.gathered_parameters(own, modifier_rank))
         yield gathered
+
+
+@contextlib.contextmanager
+def _default_dtype(dtype: torch.dtype) -> Generator[None, None, None]:
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(previous)
 
 
 def _inner(module: Any) -> Any:

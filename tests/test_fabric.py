@@ -384,3 +384,34 @@ def test_a_16_bit_loss_is_scaled_in_fp32() -> None:
     plugin = ZeroFabricPrecision("16-mixed")
     scaled = plugin._before_backward(torch.tensor(0.5, dtype=torch.float16))
     assert scaled.dtype == torch.float32 and scaled.item() == 0.5 * 2**16  # in fp16: inf
+
+
+def true_precision_init(stage: int) -> dict[str, Any]:
+    """``bf16-true``: the model is built in bf16 inside ``init_module`` (no fp32 copy at init), as Fabric's
+    ``HalfPrecision`` builds it, and trains as Fabric's ``ddp`` in ``bf16-true`` does up to bf16 rounding (ZeRO
+    sums gradients across ranks in fp32, ``ddp`` in bf16: not bit-comparable)."""
+    results = {}
+    for name in ("ddp_find_unused_parameters_true", "zero"):
+        fabric = _fabric(ZeroFabricStrategy(stage=stage, bucket_numel=150) if name == "zero" else name, "bf16-true")
+        with fabric.init_module():
+            model = build_model(0)
+        dtypes = {p.dtype for p in model.parameters()}
+        model, opt = fabric.setup(model, torch.optim.SGD(param_groups(model, 0.05), lr=0.05))
+        for step in range(4):
+            fabric.backward(loss_of(model, step, 0, 1))
+            opt.step()
+            opt.zero_grad()
+        results[name] = (dtypes, _whole(fabric, model))
+    reference = results["ddp_find_unused_parameters_true"][1]
+    worst = max(((results["zero"][1][n].float() - r.float()).norm() / r.float().norm()).item()
+                for n, r in reference.items())
+    return {"dtypes": results["zero"][0], "worst": worst,
+            "reference_dtypes": results["ddp_find_unused_parameters_true"][0]}
+
+
+@pytest.mark.parametrize("stage", [2, 3])
+def test_true_precision_builds_the_model_in_16_bits(pools, stage) -> None:
+    result = pools(2).run(true_precision_init, stage)[0]
+    print(f"stage {stage} bf16-true: {result}")
+    assert result["reference_dtypes"] == {torch.bfloat16}
+    assert result["dtypes"] == {torch.bfloat16} and result["worst"] <= 5e-3  # a few bf16 ulps
