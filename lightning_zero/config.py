@@ -174,6 +174,11 @@ class PrecisionPolicy:
         return cls(dtype, None, reduce, accumulate, dtype)
 
     @property
+    def whole_module_dtype(self) -> torch.dtype | None:
+        """``*-true`` in 16 bits: the dtype the whole module is built and kept in (no fp32 master); else None."""
+        return self.storage if self.master == self.storage and self.storage != torch.float32 else None
+
+    @property
     def needs_loss_scaling(self) -> bool:
         """fp16 gradients overflow without a dynamic loss scale."""
         return self.storage == torch.float16

@@ -29,7 +29,6 @@ from lightning.fabric.strategies import DDPStrategy
 from lightning.fabric.strategies.strategy import _BackwardSyncControl, _Sharded
 from lightning.fabric.utilities.rank_zero import rank_zero_warn
 from lightning.fabric.utilities.types import Optimizable
-from lightning_utilities.core.apply_func import apply_to_collection
 from torch import Tensor
 from torch.nn import Module
 from torch.optim import Optimizer
@@ -50,7 +49,7 @@ from lightning_zero.checkpoint import (
 )
 from lightning_zero.config import ReducePolicyName
 from lightning_zero.options import OPTIONS_DOC, BufferSync, SharedStrategyMethods, StrategyOptions, zero_precision_from
-from lightning_zero.precision import ZeroPrecisionCore
+from lightning_zero.precision import ZeroPrecisionCore, cast_floats
 from lightning_zero.sharding.collectives import broadcast_coalesced
 from lightning_zero.sharding.engine import ZeroEngine
 from lightning_zero.sharding.init import pending_chunks, sharded_init
@@ -72,7 +71,7 @@ class ZeroFabricPrecision(ZeroPrecisionCore, Precision):
         self._steps: dict[int, int] = {}  # optimizer steps taken, per engine, for messages
 
     def _engines_of(self, module: Module | None) -> list[ZeroEngine] | None:
-        module = getattr(module, "module", module) if isinstance(module, ZeroModule) else module
+        module = _inner(module)
         engines = [engine for engine in self._engines.values() if engine.module is module]
         return engines or None  # None: every engine (a loss whose model was not named)
 
@@ -85,9 +84,8 @@ class ZeroFabricPrecision(ZeroPrecisionCore, Precision):
     def tensor_init_context(self) -> contextlib.AbstractContextManager:
         """``*-true``: tensors and modules are created in the 16-bit dtype, as Fabric's ``HalfPrecision`` creates
         them (no fp32 copy of the model at init); otherwise as created."""
-        if self.policy.master == self.policy.storage and self.policy.storage != torch.float32:
-            return _default_dtype(self.policy.storage)
-        return contextlib.nullcontext()
+        dtype = self.policy.whole_module_dtype
+        return _default_dtype(dtype) if dtype is not None else contextlib.nullcontext()
 
     @override
     def module_init_context(self) -> contextlib.AbstractContextManager:
@@ -99,8 +97,7 @@ class ZeroFabricPrecision(ZeroPrecisionCore, Precision):
         them (the Trainer's plugin leaves them alone, as Lightning's does)."""
         if self.policy.storage == torch.float32:
             return data
-        low = self.policy.compute or self.policy.storage
-        return apply_to_collection(data, Tensor, lambda t: t.to(low) if t.is_floating_point() else t)
+        return cast_floats(data, self.policy.compute or self.policy.storage)
 
     @override
     def convert_output(self, data: Any) -> Any:
@@ -108,8 +105,7 @@ class ZeroFabricPrecision(ZeroPrecisionCore, Precision):
         loss computed outside the model is then computed as under ``ddp``."""
         if self.policy.storage == torch.float32:
             return data
-        default = torch.get_default_dtype()
-        return apply_to_collection(data, Tensor, lambda t: t.to(default) if t.is_floating_point() else t)
+        return cast_floats(data, torch.get_default_dtype())
 
     @override
     def optimizer_step(self, optimizer: Optimizable, **kwargs: Any) -> Any:
@@ -143,7 +139,8 @@ class _ZeroBackwardSyncControl(_BackwardSyncControl):
         if engine is None:
             raise TypeError("fabric.no_backward_sync(model) needs a model set up together with its optimizer "
                             "(fabric.setup(model, optimizer) or fabric.setup_optimizers after setup_module)")
-        return _no_sync(engine, self._strategy._buffer_sync.get(id(engine.module)))
+        wrapper = getattr(module, "_forward_module", module)
+        return _no_sync(engine, wrapper._sync if isinstance(wrapper, ZeroModule) else None)
 
 
 @contextlib.contextmanager
@@ -164,25 +161,36 @@ class ZeroModule(Module):
     rank 0's buffers are broadcast on a forward through Fabric only (DDP's rule), never on a direct call of
     the inner module on some ranks. The engine hooks the inner module, whose names carry no prefix."""
 
-    def __init__(self, module: Module, sync: BufferSync, strategy: ZeroFabricStrategy) -> None:
+    def __init__(self, module: Module, sync: BufferSync, world_size: int) -> None:
         super().__init__()
         self.module = module
         self._sync = sync
-        self._strategy = [strategy]  # in a list: not a submodule, not in state_dict
+        self._world_size = world_size
         self._warned = False
+        #: The engine sharding ``module``, set when its optimizer is set up.
+        self.engine: ZeroEngine | None = None
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
-        if (not self._warned and torch.is_grad_enabled() and self._strategy[0].world_size > 1
-                and self._strategy[0].engine_of(self.module) is None
+        if self.engine is None:
+            self._without_engine()
+        self._sync.before(self.module)
+        output = self.module(*args, **kwargs)
+        self._sync.after(True)
+        return output
+
+    def _without_engine(self) -> None:
+        if any(p in pending_chunks for p in self.module.parameters()):  # built sharded (stage 3's init_module)
+            raise RuntimeError(
+                "this model was built sharded (fabric.init_module() under stage 3) and has no optimizer yet: set it "
+                "up with its optimizer (fabric.setup(model, optimizer), or fabric.setup_optimizers(optimizer) after "
+                "setup_module) before its first forward, or build it outside init_module() for inference"
+            )
+        if (not self._warned and torch.is_grad_enabled() and self._world_size > 1
                 and any(p.requires_grad for p in self.module.parameters())):
             self._warned = True
             rank_zero_warn("this model was set up without an optimizer, so ZeRO reduces none of its gradients: "
                            "set its optimizer up too (fabric.setup_optimizers(optimizer)), or run it under "
                            "torch.no_grad() if it only infers")
-        self._sync.before(self.module)
-        output = self.module(*args, **kwargs)
-        self._sync.after(True)
-        return output
 
 
 class ZeroFabricStrategy(SharedStrategyMethods, DDPStrategy, _Sharded):
@@ -205,7 +213,6 @@ class ZeroFabricStrategy(SharedStrategyMethods, DDPStrategy, _Sharded):
     """
 
     __doc__ = (__doc__ or "").replace("{{options}}", OPTIONS_DOC)
-    pairs_with_zero_precision = True
 
     def __init__(
         self,
@@ -244,9 +251,7 @@ class ZeroFabricStrategy(SharedStrategyMethods, DDPStrategy, _Sharded):
         )
         self._backward_sync_control = _ZeroBackwardSyncControl(self)
         self.engines: list[ZeroEngine] = []
-        self._modules: list[Module] = []  # set up, with or without an optimizer yet
-        self._buffer_sync: dict[int, BufferSync] = {}
-        self._hooks: list[torch.utils.hooks.RemovableHandle] = []
+        self._wrappers: list[ZeroModule] = []  # the models set up, with or without an optimizer yet
         self._checkpoint_group: dist.ProcessGroup | None = None
 
     # ------------------------------------------------------------------ precision pairing
@@ -288,30 +293,18 @@ class ZeroFabricStrategy(SharedStrategyMethods, DDPStrategy, _Sharded):
     def setup_module(self, module: Module) -> Module:
         """Wrap ``module`` thinly (``ZeroModule``); its engine is built with its optimizer. Every rank takes
         rank 0's weights and buffers, as DDP's wrapper does."""
-        self._modules.append(module)
-        sync = BufferSync(self.options.broadcast_buffers, self.world_size)
-        self._buffer_sync[id(module)] = sync
-        if any(p in pending_chunks for p in module.parameters()):
-            # Built sharded (stage 3's init_module): only its engine can assemble it.
-            self._hooks.append(module.register_forward_pre_hook(self._refuse_unassembled))
-        elif self.world_size > 1:
+        if self.world_size > 1 and not any(p in pending_chunks for p in module.parameters()):
             with torch.no_grad():
                 broadcast_coalesced([*module.parameters(), *module.buffers()], None)
-        return ZeroModule(module, sync, self)
-
-    def _refuse_unassembled(self, module: Module, _args: Any) -> None:
-        if self.engine_of(module) is None:
-            raise RuntimeError(
-                "this model was built sharded (fabric.init_module() under stage 3) and has no optimizer yet: set it "
-                "up with its optimizer (fabric.setup(model, optimizer), or fabric.setup_optimizers(optimizer) after "
-                "setup_module) before its first forward, or build it outside init_module() for inference"
-            )
+        wrapper = ZeroModule(module, BufferSync(self.options.broadcast_buffers, self.world_size), self.world_size)
+        self._wrappers.append(wrapper)
+        return wrapper
 
     @override
     def setup_optimizer(self, optimizer: Optimizer) -> Optimizer:
         """Shard ``optimizer`` with the model set up earlier whose parameters it holds."""
         held = {id(p) for group in optimizer.param_groups for p in group["params"]}
-        owners = [m for m in self._modules if any(id(p) in held for p in m.parameters())]
+        owners = [w for w in self._wrappers if any(id(p) in held for p in w.module.parameters())]
         if not owners:
             raise ValueError(
                 "this optimizer holds no parameter of a model set up with Fabric: call fabric.setup(model, optimizer)"
@@ -323,16 +316,16 @@ class ZeroFabricStrategy(SharedStrategyMethods, DDPStrategy, _Sharded):
                 "model per optimizer: put them in one module (e.g. torch.nn.ModuleDict) set up together, or give "
                 "each model its own optimizer"
             )
-        module = owners[0]
-        if self.engine_of(module) is not None:
+        wrapper = owners[0]
+        if wrapper.engine is not None:
             raise ValueError(
                 "this model already has an optimizer, and ZeRO shards one optimizer per model: put every parameter "
                 "group in one optimizer"
             )
-        engine = ZeroEngine(module, optimizer, self.config, dtypes=self.precision.policy.slots())
-        self.precision.bind(optimizer, engine)
-        _route_through_engine(optimizer, engine)
-        self.engines.append(engine)
+        wrapper.engine = ZeroEngine(wrapper.module, optimizer, self.config, dtypes=self.precision.policy.slots())
+        self.precision.bind(optimizer, wrapper.engine)
+        _route_through_engine(optimizer, wrapper.engine)
+        self.engines.append(wrapper.engine)
         return optimizer
 
     def engine_of(self, module: Module) -> ZeroEngine | None:
@@ -542,9 +535,6 @@ class ZeroFabricStrategy(SharedStrategyMethods, DDPStrategy, _Sharded):
         for engine in self.engines:
             engine.materialize_module()
             engine.close()
-        for handle in self._hooks:
-            handle.remove()
-        self._hooks.clear()
         super().teardown()
 
 

@@ -14,6 +14,7 @@ import torch
 from lightning.fabric.utilities.types import Optimizable
 from lightning.pytorch.plugins.precision import Precision
 from lightning.pytorch.utilities import rank_zero_warn
+from lightning_utilities.core.apply_func import apply_to_collection
 from torch import Tensor
 from torch.optim import Optimizer
 from typing_extensions import override
@@ -23,7 +24,7 @@ from lightning_zero.loss_scaler import DynamicLossScaler
 from lightning_zero.sharding.engine import ZeroEngine
 from lightning_zero.sharding.whereabouts import mark
 
-__all__ = ["ZeroPrecision", "ZeroPrecisionCore"]
+__all__ = ["ZeroPrecision", "ZeroPrecisionCore", "cast_floats"]
 
 
 class ZeroPrecisionCore:
@@ -104,8 +105,8 @@ class ZeroPrecisionCore:
     # ------------------------------------------------------------------ module and compute
     def convert_module(self, module: torch.nn.Module) -> torch.nn.Module:
         """``*-true`` casts the whole module (mixed: the engine casts parameters)."""
-        if self.policy.master == self.policy.storage and self.policy.storage != torch.float32:
-            module = module.to(self.policy.storage)
+        if self.policy.whole_module_dtype is not None:
+            module = module.to(self.policy.whole_module_dtype)
         return module
 
     def forward_context(self) -> contextlib.AbstractContextManager:
@@ -115,7 +116,7 @@ class ZeroPrecisionCore:
 
     def convert_input(self, data: Any) -> Any:
         if self.policy.compute is None and self.policy.storage != torch.float32:
-            return _cast_floats(data, self.policy.storage)
+            return cast_floats(data, self.policy.storage)
         return data
 
     def tensor_init_context(self) -> contextlib.AbstractContextManager:
@@ -255,11 +256,7 @@ def _nonfinite_message(step: str, bad_loss: list[int], bad_grad: list[int], name
             "from any rank")
 
 
-def _cast_floats(data: Any, dtype: torch.dtype) -> Any:
-    if isinstance(data, Tensor):
-        return data.to(dtype) if data.is_floating_point() else data
-    if isinstance(data, (list, tuple)):
-        return type(data)(_cast_floats(item, dtype) for item in data)
-    if isinstance(data, dict):
-        return {key: _cast_floats(value, dtype) for key, value in data.items()}
-    return data
+def cast_floats(data: Any, dtype: torch.dtype) -> Any:
+    """``data`` with every floating-point tensor in ``dtype``, through any collection (namedtuples and
+    dataclasses included)."""
+    return apply_to_collection(data, Tensor, lambda t: t.to(dtype) if t.is_floating_point() else t)
