@@ -34,6 +34,7 @@ import os
 import re
 import shutil
 import socket
+import threading
 import time
 import uuid
 import zlib
@@ -150,45 +151,82 @@ def agree(error: str | None, group: ProcessGroup | None) -> None:
 
 # [Note: one writer per checkpoint path]
 # Two jobs saving to one path (a job launched again while the old one still runs) would each collect the
-# other's staging directory as garbage. Rank 0 therefore creates ``PATH.lock`` beside the checkpoint with
-# O_EXCL before touching anything, holding its host, process id, job id and start time, and removes it
-# when the save ends, committed or failed. A second writer finds the lock and fails on every rank naming
-# the first; the first commits intact. A lock is a leftover of a killed save, removed before the save goes
-# on, when its job id is this job's (a requeued SLURM job), its writer is this process or no longer runs
-# on this host, or it is older than ``_STALE_LOCK_S`` (another host, whose processes this one cannot see).
-_STALE_LOCK_S = 6 * 3600.0
+# other's staging directory as garbage. Rank 0 therefore holds ``PATH.lock`` beside the checkpoint while it
+# saves: its host, process id, job id and start time. The lock appears whole or not at all: the record is
+# written to a private file first and hard-linked to the lock's name, which fails if the name exists (atomic
+# on local filesystems and NFS alike, unlike O_EXCL on old NFS). While the save runs, a thread touches the
+# lock every ``_HEARTBEAT_S``. A second writer finds the lock and fails on every rank naming the first; the
+# first commits intact. A lock is a leftover of a killed save, removed before the save goes on, when its job
+# id is this job's (a requeued SLURM job), its writer is this process or no longer runs on this host, or
+# its heartbeat stopped ``_STALE_LOCK_S`` ago (a writer on another host, whose processes this one cannot
+# see). Ages are read against the filesystem's own clock (the private file's mtime), so hosts whose clocks
+# disagree still agree on staleness.
+_HEARTBEAT_S = 10.0
+_STALE_LOCK_S = 180.0  # many missed heartbeats, beyond NFS attribute caching (at most 60 s by default)
 
 
 def _lock_path(path: str) -> str:
     return f"{path.rstrip(os.sep)}.lock"
 
 
-def _acquire(path: str, version: str) -> str:
-    """Rank 0: take ``path``'s writer lock or raise naming the live writer that holds it."""
-    lock = _lock_path(path)
-    owner = {"host": socket.gethostname(), "pid": os.getpid(), "version": version, "started": time.time(),
-             "job": _job_id()}
-    os.makedirs(os.path.dirname(lock) or ".", exist_ok=True)
-    for _ in range(2):
+class _WriterLock:
+    """Rank 0's hold on ``path``'s writer lock, kept fresh by a heartbeat until ``release``."""
+
+    def __init__(self, path: str, version: str) -> None:
+        self.lock = _lock_path(path)
+        self._stop = threading.Event()
+        owner = {"host": socket.gethostname(), "pid": os.getpid(), "version": version, "started": time.time(),
+                 "job": _job_id()}
+        os.makedirs(os.path.dirname(self.lock) or ".", exist_ok=True)
+        private = f"{self.lock}.{version}.tmp"
+        with open(private, "w") as f:
+            json.dump(owner, f)
         try:
-            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-        except FileExistsError:
-            holder = _read_lock(lock)
-            if holder is not None and not _is_stale(holder):
-                age = time.time() - float(holder.get("started", 0))
+            self._take(path, private)
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(private)
+        self._beat = threading.Thread(target=self._heartbeat, name="lightning_zero checkpoint lock", daemon=True)
+        self._beat.start()
+
+    def _take(self, path: str, private: str) -> None:
+        for _ in range(3):
+            try:
+                os.link(private, self.lock)
+                return
+            except FileExistsError:
+                pass
+            now = os.stat(private).st_mtime  # the filesystem's clock, not this host's
+            try:
+                age = now - os.stat(self.lock).st_mtime
+            except FileNotFoundError:
+                continue  # released meanwhile
+            holder = _read_lock(self.lock)
+            if not _is_stale(holder, age):
+                assert holder is not None
                 job = f", job {holder['job']}" if holder.get("job") else ""
                 raise CheckpointError(
                     f"another process is saving to {path}: process {holder.get('pid')} on {holder.get('host')}"
-                    f"{job}, for {age:.0f}s (lock {lock}). Two jobs writing one checkpoint path would destroy each "
-                    "other's files: stop the other job, or save this one elsewhere (e.g. another dirpath)"
-                ) from None
+                    f"{job}, for {time.time() - float(holder.get('started', 0)):.0f}s, last heard {age:.0f}s ago "
+                    f"(lock {self.lock}). Two jobs writing one checkpoint path would destroy each other's files: "
+                    "stop the other job, or save this one elsewhere (e.g. another dirpath)"
+                )
             with contextlib.suppress(FileNotFoundError):
-                os.remove(lock)  # a dead writer's leftover
-            continue
-        with os.fdopen(fd, "w") as f:
-            json.dump(owner, f)
-        return lock
-    raise CheckpointError(f"could not take the writer lock {lock}: another process keeps creating it")
+                os.remove(self.lock)  # a dead writer's leftover
+        raise CheckpointError(f"could not take the writer lock {self.lock}: another process keeps creating it")
+
+    def _heartbeat(self) -> None:
+        while not self._stop.wait(_HEARTBEAT_S):
+            with contextlib.suppress(OSError):
+                os.utime(self.lock)
+
+    def release(self) -> None:
+        self._stop.set()
+        self._beat.join()
+        holder = _read_lock(self.lock)
+        if holder is not None and holder.get("pid") == os.getpid() and holder.get("host") == socket.gethostname():
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(self.lock)
 
 
 def _read_lock(lock: str) -> dict[str, Any] | None:
@@ -196,35 +234,33 @@ def _read_lock(lock: str) -> dict[str, Any] | None:
         with open(lock) as f:
             return json.load(f)
     except (OSError, ValueError):
-        return None  # unreadable or half-written: treated as stale
+        return None  # unreadable (written by hand, or a disk error): stale once its heartbeat is old
 
 
 def _job_id() -> str | None:
     return next((os.environ[k] for k in ("SLURM_JOB_ID", "TORCHELASTIC_RUN_ID") if k in os.environ), None)
 
 
-def _is_stale(holder: Mapping[str, Any]) -> bool:
+def _is_stale(holder: Mapping[str, Any] | None, age: float) -> bool:
+    """Whether a lock held by ``holder``, last touched ``age`` seconds ago, is a dead writer's leftover."""
+    if age > _STALE_LOCK_S:
+        return True  # no heartbeat for many periods: its writer is gone, wherever it ran
+    if holder is None:
+        return False
     job = _job_id()
     if job is not None and holder.get("job") == job:
         return True  # this job's own leftover (a requeued job keeps its id; it cannot run twice at once)
-    if holder.get("host") == socket.gethostname():
-        if holder.get("pid") == os.getpid():
-            return True  # this process's own leftover (a restarted container reusing the pid, say)
-        try:
-            os.kill(int(holder.get("pid", -1)), 0)
-        except ProcessLookupError:
-            return True
-        except (PermissionError, ValueError, OverflowError):
-            return False
+    if holder.get("host") != socket.gethostname():
         return False
-    return time.time() - float(holder.get("started", 0)) > _STALE_LOCK_S
-
-
-def _release(lock: str) -> None:
-    holder = _read_lock(lock)
-    if holder is not None and holder.get("pid") == os.getpid() and holder.get("host") == socket.gethostname():
-        with contextlib.suppress(FileNotFoundError):
-            os.remove(lock)
+    if holder.get("pid") == os.getpid():
+        return True  # this process's own leftover (a restarted container reusing the pid, say)
+    try:
+        os.kill(int(holder.get("pid", -1)), 0)
+    except ProcessLookupError:
+        return True
+    except (PermissionError, ValueError, OverflowError, TypeError):
+        return False
+    return False
 
 
 def _prepare_directory(path: str, version: str) -> None:
@@ -273,22 +309,23 @@ def save_sharded(
         raise CheckpointError(f"ranks save to different paths {sorted({p for p, _ in agreed})}; pass the same "
                               "path on every rank")
     version = agreed[0][1]
-    held: list[str] = []  # the writer lock, once rank 0 holds it
+    held: list[_WriterLock] = []  # the writer lock, once rank 0 holds it
     try:
         _write_locked(path, version, rank, group, local_state, meta, manifest, world, held)
     finally:
         for lock in held:
-            _release(lock)
+            lock.release()
 
 
 def _write_locked(path: str, version: str, rank: int, group: ProcessGroup | None, local_state: Mapping[str, Any],
-                  meta: Mapping[str, Any] | None, manifest: Mapping[str, Any], world: int, held: list[str]) -> None:
+                  meta: Mapping[str, Any] | None, manifest: Mapping[str, Any], world: int,
+                  held: list[_WriterLock]) -> None:
     """``save_sharded`` once the ranks agree on the path: rank 0 takes the writer lock (into ``held``) and
     prepares the directory, every rank writes, rank 0 commits."""
     error = None
     if rank == 0:
         try:
-            held.append(_acquire(path, version))
+            held.append(_WriterLock(path, version))
             _prepare_directory(path, version)
         except Exception as exc:  # noqa: BLE001 - reported on every rank below
             error = str(exc) if isinstance(exc, CheckpointError) else f"cannot save checkpoint {path}: {exc}"
@@ -521,8 +558,8 @@ def restore_module(module: torch.nn.Module, engine: ZeroEngine | None, state: Ma
                    shards: ShardedCheckpoint | None, strict: bool, fill_whole: bool = True) -> None:
     """Load a module's saved ``state`` (whole tensors from a file; buffers only from a sharded checkpoint,
     whose ``shards`` hold the parameters) into ``module``, or into ``engine``'s slices when one shards it.
-    Whole weights in ``state`` win over the shards (a callback put them there: EMA's average); with
-    ``strict=False`` parameters ``state`` lacks keep their values.
+    Whole weights in ``state`` win over the shards, tensor by tensor (a callback or ``on_load_checkpoint`` put
+    them there: EMA's average); without shards, ``strict=False`` parameters ``state`` lacks keep their values.
     ``fill_whole=False``: ``state`` already holds the shards' whole weights."""
     origin = shards.path if shards is not None else "the checkpoint"
     state = dict(state)
@@ -535,25 +572,24 @@ def restore_module(module: torch.nn.Module, engine: ZeroEngine | None, state: Ma
             raise CheckpointError(f"{origin} does not match this model: {exc}") from exc
         return
     names = layout_names([engine])
-    if shards is None or any(k in names for k in state):
-        # Whole weights (a file, or a callback's average that wins over the shards): the module's own
-        # load_state_dict writes them through to the engine's slices ([Note: load_state_dict writes through]).
+    if shards is not None:
+        source: StateSource = shards.source(optimizer=False)
         try:
-            module.load_state_dict(state, strict=strict)
-        except RuntimeError as exc:
+            engine.check_source(source, optimizer=False)
+        except ValueError as exc:
             raise CheckpointError(f"{origin} does not match this model: {exc}") from exc
-        return
-    source: StateSource = shards.source(optimizer=False)
+        engine.load_state(source, optimizer=False)
+    # Whole weights in ``state`` (a file's, or a callback's average that wins over the shards) are written
+    # through to the engine's slices by the module's own load_state_dict ([Note: load_state_dict writes
+    # through]), tensor by tensor; with shards, weights ``state`` lacks keep the shards' values.
     try:
-        engine.check_source(source, optimizer=False)
-    except ValueError as exc:
+        missing, unexpected = module.load_state_dict(state, strict=strict and shards is None)
+    except RuntimeError as exc:
         raise CheckpointError(f"{origin} does not match this model: {exc}") from exc
-    missing, unexpected = module.load_state_dict(state, strict=False)
     missing = [k for k in missing if k not in names]
     if strict and (missing or unexpected):
         raise CheckpointError(f"{origin} does not match this model: missing {missing[:5]}, unexpected "
                               f"{unexpected[:5]}")
-    engine.load_state(source, optimizer=False)
 
 
 def restore_optimizer(engine: ZeroEngine, state: Mapping[str, Any], shards: ShardedCheckpoint | None) -> None:

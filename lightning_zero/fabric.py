@@ -274,7 +274,7 @@ class ZeroFabricStrategy(SharedStrategyMethods, DDPStrategy, _Sharded):
         start_fit()
         self.precision.device_type = self.root_device.type
         self.precision.nonfinite = self.options.nonfinite
-        self._checkpoint_group = self._checkpoint_coordination_group(self._timeout)
+        self._joined()
 
     @override
     def setup_module_and_optimizers(

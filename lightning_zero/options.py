@@ -3,9 +3,15 @@ once, its documentation, the registered names, the precision pairing and DDP's b
 
 from __future__ import annotations
 
+import contextlib
+import signal
+import subprocess
+import sys
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import timedelta
+from types import TracebackType
 from typing import Any, Literal, TypeVar
 
 import torch
@@ -14,7 +20,8 @@ from lightning.fabric.plugins.collectives.torch_collective import default_pg_tim
 
 from lightning_zero.config import ReducePolicyName, ZeroConfig
 from lightning_zero.precision import ZeroPrecisionCore
-from lightning_zero.sharding.collectives import broadcast_coalesced, wait_all
+from lightning_zero.sharding.collectives import CollectiveError, broadcast_coalesced, wait_all
+from lightning_zero.sharding.whereabouts import publish
 
 __all__ = ["OPTIONS_DOC", "BufferSync", "SharedStrategyMethods", "StrategyOptions", "zero_precision_from"]
 
@@ -175,6 +182,49 @@ class SharedStrategyMethods:
         else:
             super().barrier(*args, **kwargs)  # type: ignore[misc]
 
-    def _checkpoint_coordination_group(self, timeout: timedelta | None) -> dist.ProcessGroup | None:
-        """Checkpoint coordination (monitored barrier, small objects) runs on gloo, whatever the backend."""
-        return dist.new_group(backend="gloo", timeout=timeout) if dist.get_backend() != "gloo" else None
+    def _joined(self) -> None:
+        """Once the process group is up: checkpoint coordination (monitored barrier, small objects) gets a
+        gloo group whatever the backend, and rank 0 of a subprocess launcher guards its child ranks."""
+        timeout = self._timeout  # type: ignore[attr-defined]
+        gloo = dist.get_backend() == "gloo"
+        self._checkpoint_group = None if gloo else dist.new_group(backend="gloo", timeout=timeout)
+        guard_child_ranks(self._launcher)  # type: ignore[attr-defined]
+
+
+# [Note: no orphan ranks]
+# Under Lightning's subprocess launcher, rank 0 is the parent of the other ranks. Lightning kills them on
+# Ctrl+C only, and its observer ends rank 0 when a child fails, not the other way round: a rank 0 that
+# fails leaves the children blocked in a collective (until its timeout) or stuck in a stalled file write.
+# So rank 0 ends them: the Trainer's strategy in ``on_exception`` (a failed fit), and, for an exception that
+# ends rank 0's process anywhere else (a save after fit, a Fabric script), a ``sys.excepthook`` that runs
+# after the traceback is printed. Either way the children get ``CHILD_GRACE_S`` to exit on their own (a
+# rank that failed first prints its own error) before they are killed. An exception the user catches ends
+# nothing: the run goes on.
+CHILD_GRACE_S = 2.0
+
+
+def end_child_ranks(procs: list[subprocess.Popen]) -> None:
+    """Let ``procs`` exit within ``CHILD_GRACE_S``, then kill those still running."""
+    deadline = time.monotonic() + CHILD_GRACE_S
+    for proc in procs:
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(timeout=max(0.0, deadline - time.monotonic()))
+    for proc in procs:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGKILL)
+
+
+def guard_child_ranks(launcher: Any) -> None:
+    """Rank 0 of a subprocess launcher: an uncaught exception that ends this process ends the child ranks
+    too (see [Note: no orphan ranks]). Installed once per process."""
+    if not getattr(launcher, "procs", None) or getattr(sys.excepthook, "lightning_zero", False):
+        return
+    previous = sys.excepthook
+
+    def end_children_too(kind: type[BaseException], error: BaseException, traceback: TracebackType | None) -> None:
+        previous(kind, error, traceback)
+        publish(None if isinstance(error, CollectiveError) else error)  # for ranks still waiting on this one
+        end_child_ranks(launcher.procs)
+
+    end_children_too.lightning_zero = True  # type: ignore[attr-defined]
+    sys.excepthook = end_children_too

@@ -6,10 +6,7 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
-import signal
-import subprocess
 import sys
-import time
 from collections.abc import Callable, Generator, Mapping
 from datetime import timedelta
 from typing import Any, Literal
@@ -39,7 +36,14 @@ from lightning_zero.checkpoint import (
     save_sharded,
 )
 from lightning_zero.config import ReducePolicyName
-from lightning_zero.options import OPTIONS_DOC, BufferSync, SharedStrategyMethods, StrategyOptions, zero_precision_from
+from lightning_zero.options import (
+    OPTIONS_DOC,
+    BufferSync,
+    SharedStrategyMethods,
+    StrategyOptions,
+    end_child_ranks,
+    zero_precision_from,
+)
 from lightning_zero.precision import ZeroPrecision
 from lightning_zero.sharding.collectives import CollectiveError, wait_all
 from lightning_zero.sharding.engine import ZeroEngine
@@ -48,7 +52,6 @@ from lightning_zero.sharding.whereabouts import mark, publish, start_fit
 
 __all__ = ["ZeroStrategy"]
 
-_CHILD_GRACE_S = 2.0  # how long a failed fit's rank 0 lets child ranks exit on their own before killing them
 _SHARDS = "_lightning_zero_sharded_checkpoint"  # the open ShardedCheckpoint, in a loaded checkpoint dict
 
 
@@ -135,7 +138,7 @@ class ZeroStrategy(SharedStrategyMethods, DDPStrategy):
     @override
     def setup_distributed(self) -> None:
         super().setup_distributed()
-        self._checkpoint_group = self._checkpoint_coordination_group(self._timeout)
+        self._joined()
 
     @override
     def setup(self, trainer: pl.Trainer) -> None:
@@ -426,11 +429,7 @@ class ZeroStrategy(SharedStrategyMethods, DDPStrategy):
         # Lightning's child-process observer may SIGKILL this process while it waits below, before the
         # traceback is printed: say what failed first.
         print(f"[rank {self.global_rank}] {type(exception).__name__}: {exception}", file=sys.stderr, flush=True)
-        deadline = time.monotonic() + _CHILD_GRACE_S
-        for proc in procs:
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                proc.wait(timeout=max(0.0, deadline - time.monotonic()))
-        launcher.kill(signal.SIGKILL)
+        end_child_ranks(procs)
 
     @override
     def teardown(self) -> None:

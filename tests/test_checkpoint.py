@@ -343,3 +343,37 @@ def test_save_on_one_rank_is_a_clear_error_not_a_hang(pools, tmp_path) -> None:
 def test_package_exports_the_checkpoint_api() -> None:
     assert lightning_zero.consolidate_checkpoint is consolidate_checkpoint
     assert lightning_zero.is_sharded_checkpoint("/nonexistent") is False
+
+
+class EditsOneWeight(LitTiny):
+    """Replaces one saved weight in ``on_load_checkpoint``, as a user patching a checkpoint would."""
+
+    def __init__(self, name: str, value: torch.Tensor) -> None:
+        super().__init__("adamw", schedule=True)
+        self.edit_name, self.edit_value = name, value
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["state_dict"][self.edit_name] = self.edit_value
+
+
+def resume_with_one_weight_edited(path: str, stage: int) -> dict[str, dict[str, torch.Tensor]]:
+    fit = trainer(zero(stage), max_steps=SAVED, max_epochs=3)
+    saved_module = LitTiny("adamw", schedule=True)
+    fit.fit(saved_module, loader(8, 1))
+    fit.save_checkpoint(path)
+    saved = {k: v.detach().clone() for k, v in saved_module.state_dict().items()}
+    name = next(k for k in saved if k.endswith("weight"))
+    module = EditsOneWeight(name, torch.full_like(saved[name], 0.5))
+    trainer(zero(stage), max_steps=SAVED, max_epochs=3).fit(module, loader(8, 1), ckpt_path=path)
+    return {"saved": saved, "restored": {k: v.detach().clone() for k, v in module.state_dict().items()},
+            "edited": {name: module.edit_value}}
+
+
+@pytest.mark.parametrize("stage", [2, 3])
+def test_a_weight_edited_in_on_load_checkpoint_wins_over_its_shard_only(pools, tmp_path, stage: int) -> None:
+    """Whole weights in the loaded state win tensor by tensor: the others come from the shards."""
+    got = pools(2).run(resume_with_one_weight_edited, str(tmp_path / f"edit{stage}.ckpt"), stage)[0]
+    (name, value), = got["edited"].items()
+    assert torch.equal(got["restored"][name], value)
+    others = [k for k in got["saved"] if k != name]
+    assert others and all(torch.equal(got["restored"][k], got["saved"][k]) for k in others)

@@ -133,6 +133,69 @@ def test_a_second_writer_is_refused_and_a_dead_ones_lock_is_cleaned(pools, tmp_p
         assert result["version"] != committed
 
 
+def _take_slowly(path: str, start: Any, outcome: Any) -> None:
+    """One writer of the race below: its lock record is written slowly (a loaded file server)."""
+    from lightning_zero import checkpoint
+
+    real_dump = json.dump
+
+    def slow_dump(obj: Any, f: Any) -> None:
+        time.sleep(0.3)
+        real_dump(obj, f)
+
+    checkpoint.json.dump = slow_dump  # type: ignore[attr-defined]
+    start.wait()
+    try:
+        lock = checkpoint._WriterLock(path, f"v-{os.getpid():012x}")
+    except CheckpointError as exc:
+        outcome.put(("refused", str(exc)))
+        return
+    time.sleep(1.0)  # hold it while the others look
+    outcome.put(("took", os.getpid()))
+    lock.release()
+
+
+def test_the_writer_lock_appears_whole_so_one_of_racing_writers_takes_it(tmp_path) -> None:
+    context = multiprocessing.get_context("spawn")
+    start, outcome = context.Barrier(3), context.Queue()
+    racers = [context.Process(target=_take_slowly, args=(str(tmp_path / "race.ckpt"), start, outcome))
+              for _ in range(3)]
+    for racer in racers:
+        racer.start()
+    results = [outcome.get(timeout=60) for _ in racers]
+    for racer in racers:
+        racer.join()
+    print(results)
+    assert [kind for kind, _ in results].count("took") == 1, results
+    assert all("another process is saving to" in text for kind, text in results if kind == "refused")
+    assert not os.path.exists(tmp_path / "race.ckpt.lock")
+
+
+def test_a_lock_from_another_host_is_stale_only_when_its_heartbeat_stopped(tmp_path, monkeypatch) -> None:
+    from lightning_zero import checkpoint
+
+    path = str(tmp_path / "remote.ckpt")
+    lock = path + ".lock"
+    other = {"host": "another-host", "pid": 1, "job": None, "started": time.time() - 7200}
+    with open(lock, "w") as f:
+        json.dump(other, f)  # touched just now: a writer on another host, alive
+    with pytest.raises(CheckpointError, match="process 1 on another-host.*last heard 0s ago"):
+        checkpoint._WriterLock(path, "v-000000000001")
+    old = time.time() - checkpoint._STALE_LOCK_S - 5
+    os.utime(lock, (old, old))  # its heartbeat stopped: a dead writer's leftover
+    taken = checkpoint._WriterLock(path, "v-000000000002")
+    assert checkpoint._read_lock(lock)["pid"] == os.getpid()
+    # The holder's heartbeat keeps the lock fresh for as long as it saves.
+    taken.release()
+    monkeypatch.setattr(checkpoint, "_HEARTBEAT_S", 0.05)
+    taken = checkpoint._WriterLock(path, "v-000000000003")
+    os.utime(lock, (old, old))
+    time.sleep(0.5)
+    assert time.time() - os.stat(lock).st_mtime < 5
+    taken.release()
+    assert not os.path.exists(lock) and not [n for n in os.listdir(tmp_path) if n.endswith(".tmp")]
+
+
 # ---------------------------------------------------------------------------------------------- full disk
 def test_a_full_disk_is_named(tmp_path, monkeypatch) -> None:
     def torch_zip_writer(f: Any) -> None:

@@ -5,9 +5,11 @@ A timeout by itself says only that this rank waited. Each rank keeps its current
 record (no communication on the hot path: a few attribute writes per batch). When a collective fails,
 the rank publishes its record in the job's key-value store (the TCPStore behind the default process
 group) and reads the other ranks' for a few seconds: a rank waiting on this one fails at about the same
-moment and publishes too, while a rank that died publishes nothing. The error then says which rank
-stopped where and what this rank was waiting for, and names uneven batch counts (a rank that finished
-its epoch while another is still training) as the cause when they are.
+moment and publishes too, while a rank that died publishes nothing. A rank stuck where it cannot fail
+(a file write that stalls during a save) publishes nothing either, so the slow phases (save, load, end of
+run) are also told on entry, one store write each, and a silent rank is reported where it last said it
+was. The error then says which rank stopped where and what this rank was waiting for, and names uneven
+batch counts (a rank that finished its epoch while another is still training) as the cause when they are.
 """
 
 from __future__ import annotations
@@ -25,6 +27,8 @@ import torch.distributed as dist
 __all__ = ["Whereabouts", "describe_ranks", "mark", "publish", "start_fit", "whereabouts"]
 
 _KEY = "lightning_zero/whereabouts/{}/{}"  # per fit (every rank counts its fits alike) and rank
+_ENTERED = "lightning_zero/entered/{}/{}"  # the last slow phase a rank entered, told as it enters it
+_TOLD_ON_ENTRY = ("save", "load", "end of run")  # rare and slow: one store write each costs nothing
 _TRAINING = ("forward", "backward", "optimizer step")
 _FINISHED = ("end of run",)
 
@@ -65,6 +69,20 @@ def mark(phase: str, step: int | None = None, batch: int | None = None) -> None:
     if batch is not None and phase == "forward" and batch != whereabouts.batch:
         whereabouts.batches += 1
         whereabouts.batch = batch
+    if phase in _TOLD_ON_ENTRY:
+        # A rank stuck in a slow phase (a stalled file write) can tell nothing when the others fail:
+        # what it said on entry is what they can report.
+        _tell(_ENTERED)
+
+
+def _tell(key: str, patience: timedelta | None = timedelta(seconds=3)) -> None:
+    """Write this rank's record under ``key``, waiting at most ``patience`` (None: the store's timeout as set)."""
+    try:
+        store = dist.distributed_c10d._get_default_store()
+        with _store_timeout(store, patience) if patience is not None else contextlib.nullcontext():
+            store.set(key.format(_fits, dist.get_rank()), json.dumps({**asdict(whereabouts), "time": time.time()}))
+    except (RuntimeError, ValueError, AttributeError, OSError):
+        pass  # no process group, or its store is gone: nothing to tell
 
 
 def start_fit() -> None:
@@ -80,11 +98,7 @@ def publish(error: BaseException | None = None) -> None:
     fails here, so a rank still waiting on this one can say why."""
     if error is not None:
         whereabouts.error = f"{type(error).__name__}: {str(error)[:300]}"
-    try:
-        store = dist.distributed_c10d._get_default_store()
-        store.set(_KEY.format(_fits, dist.get_rank()), json.dumps({**asdict(whereabouts), "time": time.time()}))
-    except (RuntimeError, ValueError, AttributeError, OSError):
-        pass  # no process group, or its store is gone: nothing to tell
+    _tell(_KEY)
 
 
 @contextlib.contextmanager
@@ -113,10 +127,11 @@ def describe_ranks(waiting: str, patience_s: float = 3.0) -> str:
     except (RuntimeError, ValueError, AttributeError):
         return ""
     heard: dict[int, dict] = {}
+    entered: dict[int, dict] = {}  # what the silent ranks said when they entered their last slow phase
     # Each store call waits at most the patience: a host that vanished without closing its connections
     # would otherwise hold this rank for the store's own timeout (the process group's, 30 minutes).
     with _store_timeout(store, timedelta(seconds=patience_s)):
-        publish()
+        _tell(_KEY, patience=None)
         try:
             deadline = time.monotonic() + patience_s
             while len(heard) < world - 1 and time.monotonic() < deadline:
@@ -126,6 +141,10 @@ def describe_ranks(waiting: str, patience_s: float = 3.0) -> str:
                         continue
                     heard[other] = json.loads(store.get(key))
                 time.sleep(0.05)
+            for other in range(world):
+                key = _ENTERED.format(_fits, other)
+                if other != rank and other not in heard and store.check([key]):
+                    entered[other] = json.loads(store.get(key))
         except (RuntimeError, ValueError, OSError):  # the store went away with rank 0: say what is known
             pass
     lines = [f"rank {rank} (this one) was {whereabouts.describe()}, waiting for {waiting}"]
@@ -138,6 +157,14 @@ def describe_ranks(waiting: str, patience_s: float = 3.0) -> str:
             positions[other] = Whereabouts(entry["phase"], entry["step"], entry["batch"], entry["batches"],
                                            entry.get("error", ""))
             lines.append(f"rank {other} was {positions[other].describe()}")
+        elif other in entered:
+            entry = entered[other]
+            since = Whereabouts(entry["phase"], entry["step"], entry["batch"], entry["batches"])
+            stalled = " (a stalled file write or a hung filesystem)" if since.phase in ("save", "load") else ""
+            lines.append(
+                f"rank {other} said nothing within {patience_s:.0f}s; {time.time() - entry['time']:.0f}s earlier it "
+                f"told it was {since.describe()}, and it is most likely stuck there{stalled}, or died there"
+            )
         else:
             lines.append(f"rank {other} said nothing within {patience_s:.0f}s (it died, or is still busy)")
     finished = [r for r, w in positions.items() if w.phase in _FINISHED]
