@@ -9,7 +9,7 @@ from typing import Literal
 import torch
 
 __all__ = [
-    "CommPath", "DtypeSlots",
+    "CommPath", "DtypeSlots", "EvalGatherName",
     "OffloadName", "PrecisionName", "PrecisionPolicy", "ReducePolicyName", "ZeroConfig", "resolve_reduce_policy",
 ]
 
@@ -19,6 +19,8 @@ OffloadName = Literal["none", "optimizer"]
 CommPath = Literal["auto", "native"]
 _COMM_PATHS = ("auto", "native")
 _OFFLOADS = ("none", "optimizer")
+EvalGatherName = Literal["unit", "whole"]
+_EVAL_GATHERS = ("unit", "whole")
 _STAGES = (1, 2, 3)
 
 
@@ -42,6 +44,11 @@ class ZeroConfig:
     ``offload``: ``"optimizer"`` keeps this rank's master slices and optimizer state in host (CPU) memory
     and steps the optimizer there (ZeRO-Offload): the device keeps parameters and gradients only, and each
     step copies the gradient slice to the host and the updated slice back. ``"none"`` keeps all on the device.
+    ``eval_gather``: stage 3 in evaluation loops (``begin_evaluation``): ``"unit"`` gathers each unit around
+    its forward as training does, and ranks may run different numbers of forward calls; ``"whole"`` gathers
+    the whole model once per loop (see [Note: agreed gathers]).
+    ``check_gathers``: stage 3, debugging: every training forward of a unit first checks that every rank
+    runs the same unit, naming the first divergence (one small collective per unit).
     """
 
     stage: int = 2
@@ -52,6 +59,8 @@ class ZeroConfig:
     persist_numel: int | None = None
     offload: OffloadName = "none"
     comm: CommPath = "auto"
+    eval_gather: EvalGatherName = "unit"
+    check_gathers: bool = False
 
     def __post_init__(self) -> None:
         if isinstance(self.stage, bool) or not isinstance(self.stage, int) or self.stage not in _STAGES:
@@ -71,6 +80,11 @@ class ZeroConfig:
             raise ValueError(f"reduce_policy must be one of {_POLICIES}, got {self.reduce_policy!r}")
         if self.comm not in _COMM_PATHS:
             raise ValueError(f"comm must be one of {_COMM_PATHS}, got {self.comm!r}")
+        if self.eval_gather not in _EVAL_GATHERS:
+            raise ValueError(f"eval_gather must be 'unit' (each unit around its forward) or 'whole' (the whole model "
+                             f"once per evaluation loop), got {self.eval_gather!r}")
+        if not isinstance(self.check_gathers, bool):
+            raise TypeError(f"check_gathers must be True or False, got {self.check_gathers!r}")
         if self.offload not in _OFFLOADS:
             raise ValueError(
                 f"offload must be 'none' (everything on the device) or 'optimizer' (master slices and optimizer "

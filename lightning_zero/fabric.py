@@ -234,10 +234,12 @@ class ZeroFabricStrategy(SharedStrategyMethods, DDPStrategy, _Sharded):
         process_group_backend: str | None = None,
         timeout: timedelta | None = default_pg_timeout,
         start_method: Literal["popen", "spawn", "fork", "forkserver"] = "popen",
+        eval_gather: Literal["unit", "whole"] | None = None,
+        check_gathers: bool = False,
     ) -> None:
         self.options = StrategyOptions.build(
             stage, reduce_policy, bucket_numel, allow_unknown_optimizer, state_dict_type, nonfinite, unit_numel,
-            persist_numel, offload, broadcast_buffers, timeout, start_method)
+            persist_numel, offload, broadcast_buffers, timeout, start_method, eval_gather, check_gathers)
         self.config = self.options.config
         super().__init__(
             accelerator=accelerator,
@@ -376,6 +378,22 @@ class ZeroFabricStrategy(SharedStrategyMethods, DDPStrategy, _Sharded):
         DeepSpeed's ``GatheredParameters``; with ``modifier_rank`` changes made on that rank are written back
         to every rank's slices on exit. A collective."""
         return _gathered(self.engines, None if params is None else list(params), modifier_rank)
+
+    @contextlib.contextmanager
+    def evaluation(self, module: Module) -> Generator[None, None, None]:
+        """Stage 3: ``module``'s forward calls inside the block run as in the Trainer's evaluation loops
+        (``eval_gather``), so ranks may make different numbers of them (uneven last batches, generation of
+        different lengths); leaving the block waits until every rank has left it (a collective). Other
+        stages, or a module without an engine: no effect."""
+        engine = self.engine_of(module)
+        if engine is None:
+            yield
+            return
+        engine.begin_evaluation()
+        try:
+            yield
+        finally:
+            engine.finish_evaluation()
 
     # ------------------------------------------------------------------ checkpoints
     # [Note: one format for the Trainer and Fabric] in ``lightning_zero/checkpoint.py``.

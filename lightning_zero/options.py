@@ -46,6 +46,15 @@ OPTIONS_DOC = """stage: 1 shards optimizer state, 2 also gradients, 3 also param
         persist_numel: stage 3 only: the smallest units, up to this many elements in all, stay gathered
             instead of being gathered at each use (default ``None``: the smaller of 2**17 and 1/64 of the
             model; 0: none).
+        eval_gather: stage 3 only: "unit" (default) gathers each unit around its forward in validation, test,
+            predict and the sanity check, as training does, so evaluation holds no more of the model than
+            training; ranks may run different numbers of forward calls (uneven last batches, generation of
+            different lengths): each unit's forward agrees with the other ranks first (one all-gather of two
+            integers per rank), and a rank that is done serves the others' gathers until every rank is. "whole"
+            gathers the whole model once per loop: faster, but every rank holds the whole model.
+        check_gathers: stage 3 only, for debugging: every unit's training forward first checks that every rank
+            runs the same unit, and names the first divergence at once (one small collective per unit);
+            without it a divergence is named at the optimizer step.
         offload: "optimizer" keeps each rank's master slices and optimizer state in CPU memory and steps the
             optimizer there (ZeRO-Offload); "none" (default) keeps everything on the device.
         broadcast_buffers: as DDP's ``broadcast_buffers``: every rank takes rank 0's buffers (BatchNorm
@@ -82,8 +91,16 @@ class StrategyOptions:
         broadcast_buffers: bool = True,
         timeout: timedelta | None = default_pg_timeout,
         start_method: str = "popen",
+        eval_gather: str | None = None,
+        check_gathers: bool = False,
     ) -> StrategyOptions:
         """Validate every option, raising with the fix before any process starts."""
+        if eval_gather is not None and stage != 3:
+            raise ValueError(f"eval_gather chooses how stage 3 gathers parameters in evaluation loops; it does nothing "
+                             f"under stage {stage}: drop it, or use stage=3")
+        if check_gathers is not False and stage != 3:
+            raise ValueError(f"check_gathers checks stage 3's parameter gathers; it does nothing under stage {stage}: "
+                             "drop it, or use stage=3")
         if unit_numel is not None and stage != 3:
             raise ValueError(f"unit_numel sizes the modules stage 3 gathers together; it does nothing under stage "
                              f"{stage}: drop it, or use stage=3")
@@ -101,7 +118,8 @@ class StrategyOptions:
             stage=stage, bucket_numel=bucket_numel, reduce_policy=reduce_policy,
             allow_unknown_optimizer=allow_unknown_optimizer, offload=offload,  # type: ignore[arg-type]
             **({"unit_numel": unit_numel} if unit_numel is not None else {}),
-            persist_numel=persist_numel,
+            persist_numel=persist_numel, eval_gather=eval_gather or "unit",  # type: ignore[arg-type]
+            check_gathers=check_gathers,
         )
         if state_dict_type not in ("sharded", "full"):
             raise ValueError(f"state_dict_type must be 'sharded' or 'full', got {state_dict_type!r}")

@@ -99,10 +99,12 @@ class ZeroStrategy(SharedStrategyMethods, DDPStrategy):
         process_group_backend: str | None = None,
         timeout: timedelta | None = default_pg_timeout,
         start_method: Literal["popen", "spawn", "fork", "forkserver"] = "popen",
+        eval_gather: Literal["unit", "whole"] | None = None,
+        check_gathers: bool = False,
     ) -> None:
         self.options = StrategyOptions.build(
             stage, reduce_policy, bucket_numel, allow_unknown_optimizer, state_dict_type, nonfinite, unit_numel,
-            persist_numel, offload, broadcast_buffers, timeout, start_method)
+            persist_numel, offload, broadcast_buffers, timeout, start_method, eval_gather, check_gathers)
         self.config = self.options.config
         super().__init__(
             accelerator=accelerator,
@@ -144,6 +146,8 @@ class ZeroStrategy(SharedStrategyMethods, DDPStrategy):
     def setup(self, trainer: pl.Trainer) -> None:
         assert self.accelerator is not None and self.model is not None
         self.accelerator.setup(trainer)
+        if self.config.stage == 3 and self.config.eval_gather == "unit":
+            self._finish_evaluation_before_metric_sync(trainer)
         self._release_engines()
         start_fit()
         self._buffers = BufferSync(self.broadcast_buffers, self.world_size)
@@ -396,22 +400,47 @@ class ZeroStrategy(SharedStrategyMethods, DDPStrategy):
         for optimizer, state in zip(self.optimizers, checkpoint["optimizer_states"]):
             restore_optimizer(self.precision_plugin.engine_for(optimizer), state, checkpoint.get(_SHARDS))
 
-    # ------------------------------------------------------------------ evaluation inside fit
-    # Stage 3 gathers the whole model once for a no-grad loop, so ranks that run different numbers of
-    # forward calls (uneven last batches, generation of different lengths) never wait on each other.
+    # ------------------------------------------------------------------ evaluation loops
+    # Stage 3 gathers per unit in evaluation too, each unit's forward agreed with the other ranks, so ranks
+    # that run different numbers of forward calls (uneven last batches, generation of different lengths)
+    # never wait on each other (see [Note: agreed gathers]).
     @override
     def on_validation_start(self) -> None:
         for engine in self.engines:
-            engine.gather_all()
+            engine.begin_evaluation()
+
+    def finish_evaluation(self) -> None:
+        """This rank's evaluation forwards are done: take part in the others' gathers until every rank's
+        are (a collective), then back to slices."""
+        for engine in self.engines:
+            engine.finish_evaluation()
 
     @override
     def on_validation_end(self) -> None:
-        for engine in self.engines:
-            engine.release_all()
-            engine.discard_traffic()  # evaluation gathers are not the next optimizer step's traffic
+        self.finish_evaluation()
 
     on_test_start = on_predict_start = on_validation_start
     on_test_end = on_predict_end = on_validation_end
+
+    def _finish_evaluation_before_metric_sync(self, trainer: pl.Trainer) -> None:
+        """A validation or test loop synchronises the logged metrics (a collective) as soon as a dataloader
+        is exhausted on this rank (``_store_dataloader_outputs``), before any hook runs: a rank whose batches
+        are done must serve the others' gathers before that, and begin again for the next dataloader or
+        the epoch-end hooks. The predict loop synchronises nothing: ``on_predict_end`` serves."""
+        loops = (trainer.fit_loop.epoch_loop.val_loop, trainer.validate_loop, trainer.test_loop)
+        for loop in loops:
+            store = getattr(loop, "_store_dataloader_outputs", None)
+            if store is None or getattr(store, "lightning_zero", False):
+                continue
+
+            def finish_first(store: Callable[[], None] = store) -> None:
+                self.finish_evaluation()
+                store()
+                for engine in self.engines:
+                    engine.begin_evaluation()
+
+            finish_first.lightning_zero = True  # type: ignore[attr-defined]
+            loop._store_dataloader_outputs = finish_first  # type: ignore[method-assign]
 
     # ------------------------------------------------------------------ teardown and names
     @override

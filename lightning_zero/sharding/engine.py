@@ -145,7 +145,7 @@ class ZeroEngine:
         self._flatten_from_first_rank()
         self.sharder: ParameterSharder | None = None
         if stage3:
-            self.sharder = ParameterSharder(module, self.units, self.buckets, self.comm)
+            self.sharder = ParameterSharder(module, self.units, self.buckets, self.comm, self.config.check_gathers)
         self.reducer = GradientReducer(
             self.buckets, self.layout, self.comm, self.config.stage, self.reduce_policy,
             on_launch=self.sharder.release_bucket if self.sharder is not None else None,
@@ -482,6 +482,27 @@ class ZeroEngine:
             handle.wait()
         if self.sharder is not None:
             self.sharder.after_step()
+
+    def begin_evaluation(self) -> None:
+        """Stage 3, an evaluation loop starts: with ``eval_gather="unit"`` every unit's forward agrees with the
+        other ranks first, so ranks may run different numbers of forward calls; with "whole" the whole model
+        is gathered for the loop (a collective). No-op under stages 1-2."""
+        if self.sharder is None:
+            return
+        if self.config.eval_gather == "whole":
+            self.sharder.gather_all()
+        else:
+            self.sharder.begin_evaluation()
+
+    def finish_evaluation(self) -> None:
+        """Stage 3, this rank's evaluation loop is done: serve the other ranks' gathers until every rank is
+        done, then back to slices. A collective; no-op when no evaluation loop is open."""
+        if self.sharder is None:
+            return
+        self.sharder.finish_evaluation()
+        if self.sharder.hold_all:
+            self.sharder.release_all()
+        self.discard_traffic()  # evaluation gathers are not the next optimizer step's traffic
 
     def gather_all(self) -> None:
         """Stage 3: keep the whole model gathered (a no-grad loop); no-op otherwise. A collective."""

@@ -22,6 +22,20 @@ parameters join the root's, in one bucket that stays gathered and is refreshed b
 step, as DeepSpeed's ``stage3_param_persistence_threshold`` keeps small parameters. Their gradients are
 still reduce-scattered and their optimizer state still sharded; the memory cost is the full copy of at most
 ``persist_numel`` elements per rank instead of a 1/N slice.
+
+[Note: agreed gathers]
+A unit's all-gather is a collective, so every rank must gather the same units in the same order. Training
+steps are equal in number on every rank, and their order is checked at each step (``window_units``).
+Evaluation loops are not: the last batch, or generation of different lengths, gives ranks different
+numbers of forward calls. So in an evaluation loop every unit's forward first agrees with the other ranks:
+one all-gather of two integers per rank (the unit, and how many units this rank has open around it) and
+one host read. A rank whose loop is done keeps taking part ("serving", as ``torch.distributed.algorithms.Join``
+does for DDP) by announcing that it is done and mirroring the unit the others announced, with the same
+gather, prefetch and release calls, until every rank is done. Ranks that announce different units raise
+together, naming them, instead of pairing one module's gather with another's. Prefetch follows the unit
+that came after the announced one the last time (registration order at first): a function of the agreed
+history, so every rank prefetches alike. ``check_gathers`` runs the same agreement in training forwards,
+as a debugging aid that names the first divergence at once (and costs one small collective per unit).
 """
 
 from __future__ import annotations
@@ -34,11 +48,15 @@ from torch.utils._pytree import tree_leaves
 from torch.utils.hooks import RemovableHandle
 
 from lightning_zero.sharding.bucket import FlatBucket, ParamState
-from lightning_zero.sharding.collectives import Comm
+from lightning_zero.sharding.collectives import Comm, exchange_flags
 from lightning_zero.sharding.init import pending_chunks
 from lightning_zero.sharding.layout import ByModule
 
-__all__ = ["ParameterSharder", "module_units"]
+__all__ = ["ParameterSharder", "UnitDivergenceError", "module_units"]
+
+
+class UnitDivergenceError(RuntimeError):
+    """Ranks ran different modules at the same point under stage 3 (see [Note: agreed gathers])."""
 
 
 def module_units(module: torch.nn.Module, unit_numel: int = 0, persist_numel: int | None = 0) -> tuple[str, ...]:
@@ -133,9 +151,17 @@ class ParameterSharder:
     """Decides when stage 3's buckets gather and release, around each unit's forward and backward."""
 
     def __init__(self, module: torch.nn.Module, units: Sequence[str], buckets: Sequence[FlatBucket],
-                 comm: Comm) -> None:
+                 comm: Comm, check_gathers: bool = False) -> None:
         self.buckets = buckets  # indexed by bucket index; every bucket is flat under stage 3
         self.comm = comm
+        self.check_gathers = check_gathers
+        # See [Note: agreed gathers]: inside an evaluation loop, the units open on this rank (innermost last),
+        # the unit that followed each one last time, and how many agreements were made.
+        self.evaluating = False
+        self._open: list[int] = []
+        self._next_unit: dict[int, int] = {p: p + 1 for p in range(len(units) - 1)}
+        self._last_agreed = -1
+        self.agreements = 0
         self.gather_count = 0
         self.prefetch_count = 0  # gathers started ahead of their unit
         # [Note: prefetch] A unit's forward starts the all-gather of the unit that came next in the
@@ -152,9 +178,13 @@ class ParameterSharder:
         self._callback_queued = False
         self._handles: list[RemovableHandle] = []
         bucket_of = {id(bucket.params[i]): bucket.index for bucket in buckets for i in range(len(bucket.params))}
+        self._needed: list[list[int]] = []
+        self._unit_numel: list[int] = []
         for position, unit in enumerate(units):
             sub = module.get_submodule(unit)
             needed = sorted({bucket_of[id(p)] for _, p in sub.named_parameters(remove_duplicate=False)})
+            self._needed.append(needed)
+            self._unit_numel.append(_numel(sub.parameters()))
             self._hook(sub, position, needed)
         for bucket in buckets:
             bucket.reshard()
@@ -238,6 +268,16 @@ class ParameterSharder:
         key = tuple(needed)
 
         def hook(module: torch.nn.Module, args: object) -> None:
+            if self.evaluating:
+                if torch.is_grad_enabled():
+                    raise RuntimeError(
+                        f"a forward of {self.units[position]!r} with gradients enabled inside a ZeRO stage 3 "
+                        "evaluation loop: its backward would find the unit released. Evaluate under "
+                        "torch.no_grad() (the Trainer does), or use eval_gather='whole' for loops that backpropagate")
+                self._open_agreed(self._agree(position, len(self._open)))
+                return
+            if self.check_gathers and not self.hold_all:
+                self._agree(position, 0)
             self.gather(needed)
             if self.hold_all:
                 return
@@ -251,6 +291,9 @@ class ParameterSharder:
 
     def _post_forward(self, needed: list[int]):  # noqa: ANN202
         def hook(module: torch.nn.Module, args: object, output: object) -> None:
+            if self.evaluating:
+                self._close_innermost()
+                return
             backward_follows = False
             if torch.is_grad_enabled():
                 for tensor in _tensors_in(output):
@@ -287,6 +330,79 @@ class ParameterSharder:
         self.release(range(len(self.buckets)))
         self._previous_order, self._order = self._order, []
         self._last_position.clear()
+
+    # ------------------------------------------------------------------ evaluation loops
+    def begin_evaluation(self) -> None:
+        """An evaluation loop starts: every unit's forward agrees with the other ranks first, so ranks may run
+        different numbers of forward calls (see [Note: agreed gathers])."""
+        self.evaluating = True
+        self._open.clear()
+        self._last_agreed = -1
+
+    def finish_evaluation(self) -> None:
+        """This rank's evaluation loop is done: serve the other ranks' gathers until every rank is done, then
+        release everything. A collective; a no-op outside an evaluation loop."""
+        if not self.evaluating:
+            return
+        try:
+            while (agreed := self._agree(-1, 0)) is not None:
+                # Held until the next agreement closes it, as the rank that computes with it holds it
+                # until its forward ends: both then make the same gathers.
+                self._open_agreed(agreed)
+        finally:
+            self.evaluating = False
+            self._open.clear()
+            self.release(range(len(self.buckets)))
+
+    def _agree(self, position: int, depth: int) -> tuple[int, int] | None:
+        """Every rank's next unit (``position``, -1 when done) and nesting depth; the one the ranks still
+        running agree on, or None when every rank is done. Raises on every rank when they disagree."""
+        device = self.buckets[0].flat.device if self.buckets else torch.device("cpu")
+        mine = torch.tensor([position + 1, depth], dtype=torch.int64, device=device)
+        rows = [tuple(row) for row in exchange_flags(mine, self.comm.group).tolist()]
+        self.agreements += 1
+        wanted = sorted({row for row in rows if row[0] > 0})
+        if not wanted:
+            return None
+        if len(wanted) > 1:
+            raise self._divergence(rows)
+        return wanted[0][0] - 1, wanted[0][1]
+
+    def _open_agreed(self, agreed: tuple[int, int] | None) -> None:
+        """Gather the agreed unit (after closing the units this rank holds open beyond its depth), and start
+        gathering the one that followed it last time."""
+        assert agreed is not None
+        position, depth = agreed
+        while len(self._open) > depth:
+            self._close_innermost()
+        if self._last_agreed >= 0 and depth == 0:
+            self._next_unit[self._last_agreed] = position
+        self._last_agreed = position if depth == 0 else self._last_agreed
+        self.gather(self._needed[position])
+        self._open.append(position)
+        following = self._next_unit.get(position)
+        if following is not None and depth == 0:
+            self.prefetch(self._needed[following])
+
+    def _close_innermost(self) -> None:
+        if self._open:
+            self.release(self._needed[self._open.pop()])
+
+    def _divergence(self, rows: list[tuple[int, ...]]) -> UnitDivergenceError:
+        def said(row: tuple[int, ...]) -> str:
+            if row[0] == 0:
+                return "nothing (its loop was done)"
+            return f"'{self.units[row[0] - 1]}' ({self._unit_numel[row[0] - 1]} elements)"
+
+        ranks = "; ".join(f"rank {rank} was about to run {said(row)}" for rank, row in enumerate(rows))
+        where = "an evaluation loop" if self.evaluating else "a training forward"
+        fix = ("ZeroStrategy(eval_gather='whole') gathers the whole model once per evaluation loop, so any "
+               "rank may run any module there" if self.evaluating else
+               "run every module on every rank (compute every head and select the output), or use stage 2")
+        return UnitDivergenceError(
+            f"ZeRO stage 3 needs every rank to run the same modules in the same order, but in {where} (unit "
+            f"agreement {self.agreements}) {ranks}. No gather was paired across different modules. Fix: {fix}."
+        )
 
     def remove_hooks(self) -> None:
         """Stop gathering on forward (the module is whole again, or being torn down)."""
