@@ -236,10 +236,12 @@ class ZeroFabricStrategy(SharedStrategyMethods, DDPStrategy, _Sharded):
         start_method: Literal["popen", "spawn", "fork", "forkserver"] = "popen",
         eval_gather: Literal["unit", "whole"] | None = None,
         check_gathers: bool = False,
+        after_fit: Literal["whole", "sharded"] | None = None,
     ) -> None:
         self.options = StrategyOptions.build(
             stage, reduce_policy, bucket_numel, allow_unknown_optimizer, state_dict_type, nonfinite, unit_numel,
-            persist_numel, offload, broadcast_buffers, timeout, start_method, eval_gather, check_gathers)
+            persist_numel, offload, broadcast_buffers, timeout, start_method, eval_gather, check_gathers,
+            after_fit)
         self.config = self.options.config
         super().__init__(
             accelerator=accelerator,
@@ -548,11 +550,13 @@ class ZeroFabricStrategy(SharedStrategyMethods, DDPStrategy, _Sharded):
     # ------------------------------------------------------------------ teardown and names
     @override
     def teardown(self) -> None:
-        """Give every sharded model whole weights (master precision) and unhook it (a collective). The
-        engines stay, so a ``fabric.save`` afterwards still writes the optimizer state, as in the Trainer."""
-        for engine in self.engines:
-            engine.materialize_module()
-            engine.close()
+        """Give every sharded model whole weights (master precision) and unhook it (a collective), or, with
+        ``after_fit="sharded"``, leave it sharded and hooked. The engines stay, so a ``fabric.save``
+        afterwards still writes the optimizer state, as in the Trainer."""
+        if self.options.after_fit == "whole":
+            for engine in self.engines:
+                engine.materialize_module()
+                engine.close()
         super().teardown()
 
 

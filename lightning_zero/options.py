@@ -55,6 +55,12 @@ OPTIONS_DOC = """stage: 1 shards optimizer state, 2 also gradients, 3 also param
         check_gathers: stage 3 only, for debugging: every unit's training forward first checks that every rank
             runs the same unit, and names the first divergence at once (one small collective per unit);
             without it a divergence is named at the optimizer step.
+        after_fit: stage 3 only: what the module holds when training ends (the end of ``fit``, Fabric's
+            ``strategy.teardown()``). "whole" (default): whole weights (master precision) on every rank's device,
+            as under ``ddp``. "sharded": only this rank's slices, as during training, so the whole model is never
+            on one device: ``validate``/``test``/``predict`` after ``fit`` gather per unit, ``save_checkpoint``
+            writes the shards, and ``strategy.gathered_parameters()`` or a consolidated checkpoint give whole
+            weights. Needs ``start_method="popen"`` (the spawn launchers hand rank 0's weights to the parent).
         offload: "optimizer" keeps each rank's master slices and optimizer state in CPU memory and steps the
             optimizer there (ZeRO-Offload); "none" (default) keeps everything on the device.
         broadcast_buffers: as DDP's ``broadcast_buffers``: every rank takes rank 0's buffers (BatchNorm
@@ -75,6 +81,7 @@ class StrategyOptions:
     broadcast_buffers: bool
     timeout: timedelta | None
     start_method: Literal["popen", "spawn", "fork", "forkserver"]
+    after_fit: Literal["whole", "sharded"] = "whole"
 
     @classmethod
     def build(
@@ -93,8 +100,18 @@ class StrategyOptions:
         start_method: str = "popen",
         eval_gather: str | None = None,
         check_gathers: bool = False,
+        after_fit: str | None = None,
     ) -> StrategyOptions:
         """Validate every option, raising with the fix before any process starts."""
+        if after_fit is not None and after_fit not in ("whole", "sharded"):
+            raise ValueError(f"after_fit must be 'whole' or 'sharded', got {after_fit!r}")
+        if after_fit is not None and stage != 3:
+            raise ValueError(f"after_fit chooses what a stage 3 module holds after training; under stage {stage} "
+                             "the module holds whole weights anyway: drop it, or use stage=3")
+        if after_fit == "sharded" and start_method != "popen":
+            raise ValueError(f"after_fit='sharded' keeps the trained module sharded, but start_method={start_method!r} "
+                             "hands rank 0's module to the parent process, which would get empty weights: use "
+                             "start_method='popen' (or torchrun/SLURM), or after_fit='whole'")
         if eval_gather is not None and stage != 3:
             raise ValueError(f"eval_gather chooses how stage 3 gathers parameters in evaluation loops; it does nothing "
                              f"under stage {stage}: drop it, or use stage=3")
@@ -128,7 +145,7 @@ class StrategyOptions:
         if not isinstance(broadcast_buffers, bool):
             raise TypeError(f"broadcast_buffers must be True or False, got {broadcast_buffers!r}")
         return cls(config, state_dict_type, nonfinite, broadcast_buffers, timeout,  # type: ignore[arg-type]
-                   start_method)  # type: ignore[arg-type]
+                   start_method, after_fit or "whole")  # type: ignore[arg-type]
 
 
 def registry_entries() -> Iterator[tuple[str, str, dict[str, Any]]]:

@@ -55,6 +55,40 @@ __all__ = ["ZeroStrategy"]
 _SHARDS = "_lightning_zero_sharded_checkpoint"  # the open ShardedCheckpoint, in a loaded checkpoint dict
 
 
+def _refuse_callbacks_zero_cannot_follow(callbacks: list[pl.Callback], stage: int) -> None:
+    """Refuse at setup, on every rank and naming what to use instead, Lightning's callbacks that would train
+    something else than ``ddp`` does: under stage 3 those that read or rewrite every parameter between
+    steps (a parameter is whole only inside its unit's forward and backward); under any stage
+    ``ModelPruning``'s lottery-ticket reset, which replaces each parameter's ``.data`` (ZeRO trains the
+    flat buffers the parameters were views of, so the reset weights would never be trained)."""
+    from lightning.pytorch.callbacks import ModelPruning, StochasticWeightAveraging
+
+    instead: dict[type, str] = {
+        StochasticWeightAveraging: "zero1 or zero2, which run it as ddp does",
+        ModelPruning: "zero1 or zero2 with ModelPruning(..., use_lottery_ticket_hypothesis=False), which prune as "
+                      "ddp does",
+    }
+    with contextlib.suppress(ImportError):
+        from lightning.pytorch.callbacks import WeightAveraging
+
+        instead[WeightAveraging] = "zero1 or zero2, which average and resume as ddp does"
+    for callback in callbacks:
+        if stage < 3:
+            if isinstance(callback, ModelPruning) and getattr(callback, "_use_lottery_ticket_hypothesis", False):
+                raise ValueError(
+                    "ModelPruning(use_lottery_ticket_hypothesis=True), its default, resets the kept weights by "
+                    "replacing each parameter's .data, which ZeRO cannot follow (its flat buffers would keep training "
+                    "the old values, unlike ddp): pass use_lottery_ticket_hypothesis=False, which prunes as ddp does"
+                )
+            continue
+        for kind, fix in instead.items():
+            if isinstance(callback, kind):
+                raise ValueError(
+                    f"{type(callback).__name__} reads and rewrites the model's parameters between steps, where ZeRO "
+                    f"stage 3 keeps only each rank's slice (the parameters are empty tensors there): use {fix}"
+                )
+
+
 class ZeroStrategy(SharedStrategyMethods, DDPStrategy):
     """ZeRO data parallel training: stage 1 shards optimizer state, stage 2 also gradients, stage 3 also
     parameters (gathered just in time around each unit's forward and backward).
@@ -101,10 +135,12 @@ class ZeroStrategy(SharedStrategyMethods, DDPStrategy):
         start_method: Literal["popen", "spawn", "fork", "forkserver"] = "popen",
         eval_gather: Literal["unit", "whole"] | None = None,
         check_gathers: bool = False,
+        after_fit: Literal["whole", "sharded"] | None = None,
     ) -> None:
         self.options = StrategyOptions.build(
             stage, reduce_policy, bucket_numel, allow_unknown_optimizer, state_dict_type, nonfinite, unit_numel,
-            persist_numel, offload, broadcast_buffers, timeout, start_method, eval_gather, check_gathers)
+            persist_numel, offload, broadcast_buffers, timeout, start_method, eval_gather, check_gathers,
+            after_fit)
         self.config = self.options.config
         super().__init__(
             accelerator=accelerator,
@@ -122,6 +158,7 @@ class ZeroStrategy(SharedStrategyMethods, DDPStrategy):
         self._buffers = BufferSync(self.broadcast_buffers, 1)  # see [Note: buffers as under ddp]
         self.engines: list[ZeroEngine] = []
         self._checkpoint_group: ProcessGroup | None = None
+        self._kept_sharded = False  # the engines still shard the module after fit (after_fit="sharded")
 
     # ------------------------------------------------------------------ precision pairing
     @property  # type: ignore[override]
@@ -148,7 +185,16 @@ class ZeroStrategy(SharedStrategyMethods, DDPStrategy):
         self.accelerator.setup(trainer)
         if self.config.stage == 3 and self.config.eval_gather == "unit":
             self._finish_evaluation_before_metric_sync(trainer)
-        self._release_engines()
+        # After fit with after_fit="sharded" the engines still shard the module: evaluating it reuses them
+        # (per unit, never whole); a new fit rebuilds them from whole weights.
+        reuse = self._kept_sharded and trainer.state.fn != TrainerFn.FITTING and all(
+            engine.module is self.lightning_module for engine in self.engines)
+        if self._kept_sharded and not reuse:
+            for engine in self.engines:
+                engine.materialize_module()
+        if not reuse:
+            self._release_engines()
+            self._kept_sharded = False
         start_fit()
         self._buffers = BufferSync(self.broadcast_buffers, self.world_size)
         precision = self.precision_plugin
@@ -165,6 +211,7 @@ class ZeroStrategy(SharedStrategyMethods, DDPStrategy):
         self.model = precision.convert_module(self.model)
         self.model_to_device()
         if trainer.state.fn == TrainerFn.FITTING:
+            _refuse_callbacks_zero_cannot_follow(trainer.callbacks, self.config.stage)
             self.setup_optimizers(trainer)
             self._shard_optimizers()
         else:
@@ -304,8 +351,9 @@ class ZeroStrategy(SharedStrategyMethods, DDPStrategy):
 
     @override
     def lightning_module_state_dict(self) -> dict[str, Any]:
-        """"full": the module's state with whole master-precision weights (fp32 under ``*-mixed``), a
-        collective while engines hold the masters. "sharded": only what the engines do not hold (buffers),
+        """"full": the module's state with whole master-precision weights (fp32 under ``*-mixed``) on rank 0,
+        which writes the file, gathered one bucket at a time into its host memory (a collective while engines
+        hold the masters; the other ranks keep no whole copy). "sharded": only what the engines do not hold (buffers),
         with no collective; the engines' slices go to each rank's file in ``save_checkpoint``."""
         assert self.lightning_module is not None
         state = self.lightning_module.state_dict()
@@ -314,17 +362,17 @@ class ZeroStrategy(SharedStrategyMethods, DDPStrategy):
             return {key: value for key, value in state.items() if key not in names}
         for engine in self.engines:
             if engine.holds_sharded_values:
-                state.update(engine.full_params())
+                state.update(engine.full_params(rank=0))  # only rank 0 writes the file
         return state
 
     @override
     def optimizer_state(self, optimizer: Optimizer) -> dict[str, Any]:
-        """"full": the whole optimizer state keyed by parameter name (a collective). "sharded": a marker;
+        """"full": the whole optimizer state keyed by parameter name, on rank 0 (a collective). "sharded": a marker;
         each rank's slices are written by ``save_checkpoint``."""
         engine = self.precision_plugin.engine_for(optimizer)
         if self._sharded_save:
             return {"lightning_zero": "sharded", "param_groups": engine.optimizer.param_groups()}
-        return engine.optimizer.full_state_dict(engine.group)
+        return engine.optimizer.full_state_dict(engine.group, rank=0)  # only rank 0 writes the file
 
     @override
     def save_checkpoint(
@@ -462,14 +510,18 @@ class ZeroStrategy(SharedStrategyMethods, DDPStrategy):
 
     @override
     def teardown(self) -> None:
-        # Unhook the model but keep the engines: trainer.save_checkpoint() after fit still gathers their
-        # optimizer state. The next setup releases them. Collectives only after a clean finish, so a
-        # rank that failed does not wait here for ranks that are gone.
+        # Unhook the model but keep the engines (after_fit="sharded": leave them hooked too):
+        # trainer.save_checkpoint() after fit still gathers their optimizer state. The next setup releases
+        # them. Collectives only after a clean finish, so a rank that failed does not wait here for ranks
+        # that are gone.
         module = self.lightning_module
         finished = module is not None and module._trainer is not None and (
             module._trainer.state.status != TrainerStatus.INTERRUPTED)
         mark("end of run", step=module._trainer.global_step if module is not None and module._trainer else None)
+        self._kept_sharded = finished and self.options.after_fit == "sharded" and bool(self.engines)
         for engine in self.engines:
+            if self._kept_sharded:
+                continue  # still sharded and hooked: see setup
             if finished:
                 engine.materialize_module()
             engine.close(release_group=finished)

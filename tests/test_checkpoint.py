@@ -18,7 +18,7 @@ from lightning.pytorch.strategies import DDPStrategy
 
 import lightning_zero
 from lightning_zero import CheckpointError, ShardedCheckpoint, ZeroPrecision, ZeroStrategy, consolidate_checkpoint
-from lightning_zero.checkpoint import MANIFEST, save_file_atomically
+from lightning_zero.checkpoint import MANIFEST, named_optimizer_state, save_file_atomically
 from lightning_zero.sharding.collectives import traffic
 from tests.helpers import assert_same, relative_errors
 from tests.lit_helpers import LitLoops, LitTiny, loader, trainer
@@ -377,3 +377,53 @@ def test_a_weight_edited_in_on_load_checkpoint_wins_over_its_shard_only(pools, t
     assert torch.equal(got["restored"][name], value)
     others = [k for k in got["saved"] if k != name]
     assert others and all(torch.equal(got["restored"][k], got["saved"][k]) for k in others)
+
+
+class SavesBothWays(LitTiny):
+    """Saves "full" (one file from rank 0) and "sharded" inside fit, after optimizer step ``SAVED``, and
+    records what this rank held for the "full" one."""
+
+    def __init__(self, tmp: str) -> None:
+        super().__init__("adamw", schedule=True)
+        self.tmp = tmp
+        self.held: dict[str, int] = {}
+
+    def on_train_batch_end(self, *args: Any) -> None:
+        if self.trainer.global_step != SAVED:
+            return
+        strategy = self.trainer.strategy
+        self.trainer.save_checkpoint(f"{self.tmp}/full.ckpt")
+        state = strategy.lightning_module_state_dict()
+        optimizer = strategy.optimizer_state(strategy.optimizers[0])
+        strategy.state_dict_type = "sharded"
+        self.trainer.save_checkpoint(f"{self.tmp}/sharded.ckpt")
+        strategy.state_dict_type = "full"
+        names = {n for n, _ in self.named_parameters()}
+        tensors = [t for entry in optimizer["state"].values() for t in entry.values() if torch.is_tensor(t) and t.dim()]
+        self.held = {"masters": sum(state[n].numel() for n in names if state[n].dtype == torch.float32),
+                     "optimizer": len(tensors)}
+
+
+def full_and_sharded(tmp: str, stage: int, precision: str) -> dict[str, int]:
+    module = SavesBothWays(tmp)
+    trainer(zero(stage, state_dict_type="full"), max_steps=SAVED + 1, max_epochs=3, **_precision(precision)).fit(
+        module, loader(8, 1))
+    return module.held
+
+
+@pytest.mark.parametrize(("stage", "precision"), [(2, "bf16-mixed"), (3, "32-true")])
+def test_a_full_save_gathers_on_rank_zero_only_and_equals_the_sharded_one(pools, tmp_path, stage, precision) -> None:
+    results = pools(2).run(full_and_sharded, str(tmp_path), stage, precision)
+    whole = sum(p.numel() for p in LitTiny("adamw").parameters())
+    print(f"stage {stage} {precision}: fp32 weights and optimizer tensors held for a full save: {results}")
+    assert results[0]["masters"] == whole and results[0]["optimizer"] > 0
+    assert results[1]["optimizer"] == 0  # rank 1 kept no whole optimizer state
+    # nor the sharded fp32 masters: only what its module holds whole anyway (stage 2: the frozen and
+    # non-16-bit parameters; stage 3: the persistent ones)
+    assert results[1]["masters"] < whole / 2, results[1]
+    full = torch.load(tmp_path / "full.ckpt", weights_only=False)
+    one = consolidate_checkpoint(str(tmp_path / "sharded.ckpt"), optimizer=True)
+    assert_same(full["state_dict"], one["state_dict"])
+    saved = full["optimizer_states"][0]
+    names = [group["params"] for group in saved["param_groups"]]
+    assert_same(saved["state"], named_optimizer_state(one["optimizer_states"][0], names)["state"])

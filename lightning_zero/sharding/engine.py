@@ -606,16 +606,19 @@ class ZeroEngine:
         """Whether some true parameter values live only in slices (fp32 masters, stage 3)."""
         return any(self._authoritative_shard(b) is not None for b in self.buckets)
 
-    def full_params(self) -> dict[str, torch.Tensor]:
-        """Whole parameters keyed by FQN (and alias), on CPU; masters where they exist. A collective."""
+    def full_params(self, rank: int | None = None) -> dict[str, torch.Tensor]:
+        """Whole parameters keyed by FQN (and alias), on CPU; masters where they exist. A collective that
+        gathers one bucket at a time on the device. ``rank``: only that rank keeps them (the others get
+        nothing, and hold no whole copy in host memory); None: every rank."""
         params: dict[str, torch.Tensor] = {}
+        keep = rank is None or dist.get_rank(self.group) == rank
         for bucket in self.buckets:
             source: torch.Tensor | None = None
             shard = self._authoritative_shard(bucket)
             if shard is not None:
                 source = torch.empty(bucket.plan.padded_numel, dtype=shard.dtype, device=self.device)
                 all_gather_into(source, shard.to(self.device), self.group)
-            for index in bucket.plan.params:
+            for index in bucket.plan.params if keep else ():
                 record = self.layout.params[index]
                 if source is not None:
                     value = source.narrow(0, record.offset, record.numel).view(record.shape)

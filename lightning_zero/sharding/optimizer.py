@@ -185,8 +185,10 @@ class ShardedOptimizer:
                 master.grad = None  # frees fp32 copies made when the gradient shard is 16-bit
 
     # ------------------------------------------------------------------ full state
-    def full_state_dict(self, group: torch.distributed.ProcessGroup | None) -> dict[str, Any]:
-        """Every parameter's optimizer state, whole and keyed by FQN, on every rank (a collective)."""
+    def full_state_dict(self, group: torch.distributed.ProcessGroup | None, rank: int | None = None) -> dict[str, Any]:
+        """Every parameter's optimizer state, whole and keyed by FQN, on CPU (a collective that gathers one
+        bucket and key at a time on the device). ``rank``: only that rank keeps the tensors; None: every rank."""
+        keep = rank is None or torch.distributed.get_rank(group) == rank
         fqns = [record.fqn for record in self.layout.params]
         schema: dict[int, dict[str, tuple[str, Any]]] = {}
         for piece, master, _ in self._entries():
@@ -229,11 +231,11 @@ class ShardedOptimizer:
                         local.narrow(0, piece.shard_offset, piece.numel).copy_(value)
                 full = torch.empty(bucket.padded_numel, dtype=dtype, device=device)
                 all_gather_into(full, local, group)
-                for index in bucket.params:
+                for index in bucket.params if keep else ():
                     if merged.get(index, {}).get(key, ("",))[0] == "tensor":
                         record = self.layout.params[index]
                         state[record.fqn][key] = full.narrow(0, record.offset, record.numel).view(
-                            record.shape).clone()
+                            record.shape).to("cpu", copy=True)
         return {"state": state, "param_groups": self.param_groups()}
 
     def param_groups(self) -> list[dict[str, Any]]:

@@ -290,6 +290,8 @@ class ParameterSharder:
         return hook
 
     def _post_forward(self, needed: list[int]):  # noqa: ANN202
+        frozen = [index for index in needed if not self.buckets[index].trainable and not self.buckets[index].persistent]
+
         def hook(module: torch.nn.Module, args: object, output: object) -> None:
             if self.evaluating:
                 self._close_innermost()
@@ -300,6 +302,8 @@ class ParameterSharder:
                     if tensor.grad_fn is not None:  # made by this forward (not a parameter passed through)
                         tensor.register_hook(self._pre_backward(needed))
                         backward_follows = True
+                if backward_follows and frozen:
+                    self._release_after_backward(args, frozen)
                 if not backward_follows and any(p.requires_grad for p in module.parameters()):
                     # An output this hook cannot look into (an object of its own class) may still lead
                     # backward into this unit: it stays gathered until the end of backward or the step.
@@ -324,6 +328,15 @@ class ParameterSharder:
                 self.prefetch(self._order[position - 1])
 
         return hook
+
+    def _release_after_backward(self, inputs: object, frozen: list[int]) -> None:
+        """[Note: frozen units] Frozen buckets get no gradient, so the reducer never releases them: release
+        them once the gradients of the unit's inputs are computed, which is when its backward is done (as
+        DeepSpeed's post-backward module hook does). A unit whose inputs need no gradient (the first one
+        behind a frozen embedding) keeps them until the end of backward."""
+        leaves = [t for t in _tensors_in(inputs) if t.requires_grad]
+        if leaves:
+            torch.autograd.graph.register_multi_grad_hook(leaves, lambda _: self.release(frozen))
 
     def _end_of_backward(self) -> None:
         self._callback_queued = False
