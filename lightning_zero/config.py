@@ -48,7 +48,8 @@ class ZeroConfig:
     its forward as training does, and ranks may run different numbers of forward calls; ``"whole"`` gathers
     the whole model once per loop (see [Note: agreed gathers]).
     ``check_gathers``: stage 3, debugging: every training forward of a unit first checks that every rank
-    runs the same unit, naming the first divergence (one small collective per unit).
+    runs the same unit, naming the first divergence (one small collective per unit); without it, only the
+    first optimizer step's forwards are checked.
     """
 
     stage: int = 2

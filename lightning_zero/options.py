@@ -54,7 +54,7 @@ OPTIONS_DOC = """stage: 1 shards optimizer state, 2 also gradients, 3 also param
             gathers the whole model once per loop: faster, but every rank holds the whole model.
         check_gathers: stage 3 only, for debugging: every unit's training forward first checks that every rank
             runs the same unit, and names the first divergence at once (one small collective per unit);
-            without it a divergence is named at the optimizer step.
+            without it only the first optimizer step's forwards are checked so.
         after_fit: stage 3 only: what the module holds when training ends (the end of ``fit``, Fabric's
             ``strategy.teardown()``). "whole" (default): whole weights (master precision) on every rank's device,
             as under ``ddp``. "sharded": only this rank's slices, as during training, so the whole model is never
@@ -105,25 +105,20 @@ class StrategyOptions:
         """Validate every option, raising with the fix before any process starts."""
         if after_fit is not None and after_fit not in ("whole", "sharded"):
             raise ValueError(f"after_fit must be 'whole' or 'sharded', got {after_fit!r}")
-        if after_fit is not None and stage != 3:
-            raise ValueError(f"after_fit chooses what a stage 3 module holds after training; under stage {stage} "
-                             "the module holds whole weights anyway: drop it, or use stage=3")
+        stage3_only = {
+            "unit_numel": (unit_numel is not None, "sizes the modules stage 3 gathers together"),
+            "persist_numel": (persist_numel is not None, "sizes the parameters stage 3 keeps gathered"),
+            "eval_gather": (eval_gather is not None, "chooses how stage 3 gathers parameters in evaluation loops"),
+            "check_gathers": (check_gathers is not False, "checks stage 3's parameter gathers"),
+            "after_fit": (after_fit is not None, "chooses what a stage 3 module holds after training"),
+        }
+        for name, (given, what) in stage3_only.items():
+            if given and stage != 3:
+                raise ValueError(f"{name} {what}; it does nothing under stage {stage}: drop it, or use stage=3")
         if after_fit == "sharded" and start_method != "popen":
             raise ValueError(f"after_fit='sharded' keeps the trained module sharded, but start_method={start_method!r} "
                              "hands rank 0's module to the parent process, which would get empty weights: use "
                              "start_method='popen' (or torchrun/SLURM), or after_fit='whole'")
-        if eval_gather is not None and stage != 3:
-            raise ValueError(f"eval_gather chooses how stage 3 gathers parameters in evaluation loops; it does nothing "
-                             f"under stage {stage}: drop it, or use stage=3")
-        if check_gathers is not False and stage != 3:
-            raise ValueError(f"check_gathers checks stage 3's parameter gathers; it does nothing under stage {stage}: "
-                             "drop it, or use stage=3")
-        if unit_numel is not None and stage != 3:
-            raise ValueError(f"unit_numel sizes the modules stage 3 gathers together; it does nothing under stage "
-                             f"{stage}: drop it, or use stage=3")
-        if persist_numel is not None and stage != 3:
-            raise ValueError(f"persist_numel sizes the parameters stage 3 keeps gathered; it does nothing under "
-                             f"stage {stage}: drop it, or use stage=3")
         if timeout is not None and not isinstance(timeout, timedelta):
             raise TypeError(f"timeout must be a datetime.timedelta, e.g. timedelta(minutes=10), got {timeout!r}")
         if timeout is not None and timeout <= timedelta(0):

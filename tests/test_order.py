@@ -131,8 +131,8 @@ def divergent_heads() -> dict[str, object]:
     engine = ZeroEngine(model, opt, ZeroConfig(stage=3, persist_numel=0))
     before = [b.shard.clone() for b in engine.buckets]
     head = head_a if dist.get_rank() == 0 else head_b
-    head(trunk(torch.randn(2, 16))).sum().backward()
     try:
+        head(trunk(torch.randn(2, 16))).sum().backward()
         engine.step()
         error = ""
     except RuntimeError as exc:
@@ -144,8 +144,9 @@ def divergent_heads() -> dict[str, object]:
 
 def test_stage3_refuses_ranks_running_different_modules(pools) -> None:
     for result in pools(2).run(divergent_heads):
-        assert "forward call 1 ran 'head_a' on rank 0 and 'head_b' on rank 1" in result["error"]
-        assert "No weight was updated" in result["error"] and result["unchanged"]
+        # the first step agrees every unit's forward (see [Note: agreed gathers])
+        assert "rank 0 was about to run 'head_a' (68 elements); rank 1 was about to run 'head_b'" in result["error"]
+        assert "No gather was paired across different modules" in result["error"] and result["unchanged"]
 
 
 class Recomputed(nn.Module):

@@ -34,8 +34,11 @@ does for DDP) by announcing that it is done and mirroring the unit the others an
 gather, prefetch and release calls, until every rank is done. Ranks that announce different units raise
 together, naming them, instead of pairing one module's gather with another's. Prefetch follows the unit
 that came after the announced one the last time (registration order at first): a function of the agreed
-history, so every rank prefetches alike. ``check_gathers`` runs the same agreement in training forwards,
-as a debugging aid that names the first divergence at once (and costs one small collective per unit).
+history, so every rank prefetches alike. The first optimizer step's training forwards are agreed too, so
+a model that runs a module per rank (a head per task) fails there, naming the modules, instead of pairing
+their gathers (equal sizes: caught at the step, by the order hash) or aborting inside gloo (different
+sizes). ``check_gathers`` agrees every training forward, as a debugging aid for divergences that appear
+later (one small collective per unit).
 """
 
 from __future__ import annotations
@@ -158,6 +161,7 @@ class ParameterSharder:
         # See [Note: agreed gathers]: inside an evaluation loop, the units open on this rank (innermost last),
         # the unit that followed each one last time, and how many agreements were made.
         self.evaluating = False
+        self._unchecked_steps = 0  # optimizer steps taken; the first one's forwards are always agreed
         self._open: list[int] = []
         self._next_unit: dict[int, int] = {p: p + 1 for p in range(len(units) - 1)}
         self._last_agreed = -1
@@ -238,6 +242,7 @@ class ParameterSharder:
     def after_step(self) -> None:
         """The slices changed: full copies still held (a forward whose backward never ran, a no-grad loop's)
         are stale. Drop them, or gather them again inside a no-grad loop, and refresh the persistent ones."""
+        self._unchecked_steps += 1
         stale = sorted(self.gathered - self.persistent)
         for index in stale:
             self.buckets[index].reshard()
@@ -276,7 +281,7 @@ class ParameterSharder:
                         "torch.no_grad() (the Trainer does), or use eval_gather='whole' for loops that backpropagate")
                 self._open_agreed(self._agree(position, len(self._open)))
                 return
-            if self.check_gathers and not self.hold_all:
+            if (self.check_gathers or self._unchecked_steps == 0) and not self.hold_all:
                 self._agree(position, 0)
             self.gather(needed)
             if self.hold_all:
