@@ -393,13 +393,15 @@ class ParameterSharder:
         position, depth = agreed
         while len(self._open) > depth:
             self._close_innermost()
-        if self._last_agreed >= 0 and depth == 0:
-            self._next_unit[self._last_agreed] = position
-        self._last_agreed = position if depth == 0 else self._last_agreed
         self.gather(self._needed[position])
         self._open.append(position)
+        if depth > 0:
+            return  # nested inside another unit's forward: no successor learnt, nothing prefetched
+        if self._last_agreed >= 0:
+            self._next_unit[self._last_agreed] = position
+        self._last_agreed = position
         following = self._next_unit.get(position)
-        if following is not None and depth == 0:
+        if following is not None:
             self.prefetch(self._needed[following])
 
     def _close_innermost(self) -> None:
