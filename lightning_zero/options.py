@@ -20,7 +20,7 @@ from lightning.fabric.plugins.collectives.torch_collective import default_pg_tim
 
 from lightning_zero.config import ReducePolicyName, ZeroConfig
 from lightning_zero.precision import ZeroPrecisionCore
-from lightning_zero.sharding.collectives import CollectiveError, broadcast_coalesced, wait_all
+from lightning_zero.sharding.collectives import CollectiveError, broadcast_coalesced, broadcast_object, wait_all
 from lightning_zero.sharding.whereabouts import publish
 
 __all__ = ["OPTIONS_DOC", "BufferSync", "SharedStrategyMethods", "StrategyOptions", "zero_precision_from"]
@@ -212,6 +212,39 @@ class SharedStrategyMethods:
         else:
             super().barrier(*args, **kwargs)  # type: ignore[misc]
 
+    # Lightning's own collectives for users (self.log(sync_dist=True), strategy/fabric.broadcast, reduce and
+    # all_gather), as ddp's but with their handles kept (see [Note: keep finished work handles]): such a
+    # collective is often a script's last, and gloo would otherwise abort the exiting process now and then.
+
+    def broadcast(self, obj: Any, src: int = 0) -> Any:
+        """As ``ddp``'s: rank ``src``'s picklable ``obj`` on every rank."""
+        if not (dist.is_available() and dist.is_initialized()):
+            return obj
+        return broadcast_object(obj, src, None, what=f"rank {src}'s object (strategy.broadcast)")
+
+    def reduce(self, tensor: Any, group: Any | None = None, reduce_op: dist.ReduceOp | str | None = "mean") -> Any:
+        """As ``ddp``'s: ``tensor`` reduced in place across ranks ("mean" by default); other values unchanged."""
+        if not (isinstance(tensor, torch.Tensor) and dist.is_available() and dist.is_initialized()):
+            return tensor
+        op, divide = _reduce_op(reduce_op, group)
+        wait_all([dist.all_reduce(tensor, op=op, group=group, async_op=True)], what="a reduction (strategy.reduce)")
+        if not divide:
+            return tensor
+        world = dist.get_world_size(group)
+        return tensor.div_(world) if torch.is_floating_point(tensor) else tensor.copy_(tensor / world)
+
+    all_reduce = reduce  # Fabric's name for it
+
+    def all_gather(self, tensor: torch.Tensor, group: Any | None = None, sync_grads: bool = False) -> torch.Tensor:
+        """As ``ddp``'s: every rank's ``tensor`` stacked along a new first dimension."""
+        if sync_grads or not (dist.is_available() and dist.is_initialized()):
+            return super().all_gather(tensor, group=group, sync_grads=sync_grads)  # type: ignore[misc]
+        tensor = tensor.contiguous()
+        gathered = [torch.empty_like(tensor) for _ in range(dist.get_world_size(group))]
+        wait_all([dist.all_gather(gathered, tensor, group=group, async_op=True)],
+                 what="an all-gather (strategy.all_gather)")
+        return torch.stack(gathered)
+
     def _joined(self) -> None:
         """Once the process group is up: checkpoint coordination (monitored barrier, small objects) gets a
         gloo group whatever the backend, and rank 0 of a subprocess launcher guards its child ranks."""
@@ -219,6 +252,17 @@ class SharedStrategyMethods:
         gloo = dist.get_backend() == "gloo"
         self._checkpoint_group = None if gloo else dist.new_group(backend="gloo", timeout=timeout)
         guard_child_ranks(self._launcher)  # type: ignore[attr-defined]
+
+
+def _reduce_op(reduce_op: dist.ReduceOp | str | None, group: Any | None) -> tuple[dist.ReduceOp, bool]:
+    """Lightning's reading of ``reduce_op`` ("mean"/"avg", "sum", ... or a ``ReduceOp``; None is a sum), and
+    whether the sum is then divided by the world size (gloo has no ``AVG``)."""
+    if not isinstance(reduce_op, str):
+        return (dist.ReduceOp.SUM if reduce_op is None else reduce_op), False
+    name = "avg" if reduce_op.lower() == "mean" else reduce_op.lower()
+    if name == "avg" and dist.get_backend(group) == "gloo":
+        return dist.ReduceOp.SUM, True
+    return getattr(dist.ReduceOp, name.upper()), False
 
 
 # [Note: no orphan ranks]

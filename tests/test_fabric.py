@@ -151,6 +151,46 @@ def test_names_register_with_fabric_and_pair_the_precision(pools) -> None:
                       "policy": "bf16-mixed", "offload": "optimizer", "all_reduce": 3.0}
 
 
+def users_collectives() -> dict[str, Any]:
+    """Fabric's collectives for users, under zero2 and Fabric's ddp, with uneven per-rank objects; and
+    whether the last one's handle stays with Python (see [Note: keep finished work handles])."""
+    from lightning_zero.sharding import collectives
+    from lightning_zero.sharding.collectives import all_gather_objects, broadcast_object
+
+    results: dict[str, Any] = {}
+    rank, world = dist.get_rank(), dist.get_world_size()
+    for name in ("ddp", "zero2"):
+        fabric = _fabric(name)
+        collectives._kept = []
+        out = {
+            "broadcast": fabric.broadcast({"from": rank, "pad": "x" * (7 * rank)}, src=world - 1),
+            "mean": fabric.all_reduce(torch.tensor(float(rank + 1))).item(),
+            "sum": fabric.all_reduce(torch.tensor([rank, 1]), reduce_op="sum").tolist(),
+            "max": fabric.all_reduce(torch.tensor(float(rank)), reduce_op="max").item(),
+            "gather": fabric.all_gather(torch.full((2,), float(rank))).tolist(),
+            "gather_0d": fabric.all_gather(torch.tensor(rank)).tolist(),
+            "gather_dict": {k: v.tolist() for k, v in fabric.all_gather({"a": torch.tensor([rank])}).items()},
+        }
+        out["kept"] = len(collectives._kept) > 0
+        results[name] = out
+    results["objects"] = all_gather_objects(list(range(rank * 5)), None)
+    results["object"] = broadcast_object(("src", rank, "y" * 300 * rank), 1, None)
+    return results
+
+
+@pytest.mark.parametrize("world_size", [2, 3])
+def test_users_collectives_match_ddp_and_keep_their_handles(pools, world_size) -> None:
+    result = pools(world_size).run(users_collectives)[0]
+    zero, ddp = result["zero2"], result["ddp"]
+    assert zero.pop("kept") and not ddp.pop("kept")  # ddp's are waited inside torch, ours in wait_all
+    assert zero == ddp, (zero, ddp)
+    assert zero["broadcast"] == {"from": world_size - 1, "pad": "x" * (7 * (world_size - 1))}
+    assert zero["mean"] == pytest.approx((world_size + 1) / 2)
+    assert zero["gather"] == [[float(r)] * 2 for r in range(world_size)]
+    assert result["objects"] == [list(range(r * 5)) for r in range(world_size)]
+    assert result["object"] == ("src", 1, "y" * 300)
+
+
 def test_options_are_validated_as_for_the_trainer() -> None:
     with pytest.raises(ValueError, match="unit_numel .* stage 3"):
         ZeroFabricStrategy(stage=2, unit_numel=10)

@@ -10,7 +10,9 @@ last reference, the thread frees the Work's tensors itself, which needs the GIL;
 interpreter exits, Python ends such a thread inside a ``noexcept`` destructor and the process aborts
 ("terminate called without an active exception", seen under Lightning's ``ddp`` too). So every collective
 here is waited through ``wait_all``, which keeps the handles until the next ``wait_all``: the last reference is
-then always dropped by Python, on a thread holding the GIL.
+then always dropped by Python, on a thread holding the GIL. That includes small objects (``all_gather_objects``
+and ``broadcast_object`` replace torch's ``*_object`` forms, whose handles cannot be kept) and the collectives
+Lightning offers users through the strategy (``SharedStrategyMethods``).
 
 Worked example, two ranks, one bucket of four elements::
 
@@ -20,6 +22,7 @@ Worked example, two ranks, one bucket of four elements::
 
 from __future__ import annotations
 
+import pickle
 import sys
 from collections import Counter
 from collections.abc import Iterable
@@ -40,6 +43,7 @@ __all__ = [
     "all_gather_objects",
     "all_reduce",
     "broadcast_coalesced",
+    "broadcast_object",
     "broadcast_from_first",
     "exchange_flags",
     "traffic",
@@ -298,15 +302,51 @@ def all_reduce(tensor: torch.Tensor, op: dist.ReduceOp, group: ProcessGroup | No
     wait_all([dist.all_reduce(tensor, op=op, group=group, async_op=True)])
 
 
+def _object_device(group: ProcessGroup | None) -> torch.device:
+    """Where a pickled object travels: NCCL moves only CUDA tensors, gloo host ones."""
+    if dist.get_backend(group) == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def _pickled(obj: Any, device: torch.device) -> torch.Tensor:
+    return torch.frombuffer(bytearray(pickle.dumps(obj)), dtype=torch.uint8).to(device)
+
+
+def _unpickled(data: torch.Tensor) -> Any:
+    return pickle.loads(data.cpu().numpy().tobytes())  # noqa: S301 (the job's own ranks, as all_gather_object)
+
+
 def all_gather_objects(obj: Any, group: ProcessGroup | None, what: str = "") -> list[Any]:
-    """Every rank's ``obj`` (small, picklable metadata only), in rank order; ``what`` it is, for the error."""
-    world = dist.get_world_size(group)
-    gathered: list[Any] = [None] * world
-    try:
-        dist.all_gather_object(gathered, obj, group=group)
-    except RuntimeError as exc:
-        raise _failed(exc, what or "the other ranks' metadata") from exc
-    return gathered
+    """Every rank's ``obj`` (small, picklable metadata only), in rank order; ``what`` it is, for the error.
+    As ``dist.all_gather_object``, but its handles are kept (see [Note: keep finished work handles])."""
+    what = what or "the other ranks' metadata"
+    world, device = dist.get_world_size(group), _object_device(group)
+    payload = _pickled(obj, device)
+    sizes = torch.empty(world, dtype=torch.long, device=device)
+    own = torch.tensor([payload.numel()], dtype=torch.long, device=device)
+    wait_all([_gather_small(sizes, own, group=group, async_op=True)], what=what)
+    counts = sizes.tolist()
+    longest = max(counts)
+    padded = torch.zeros(longest, dtype=torch.uint8, device=device)
+    padded[: payload.numel()] = payload
+    gathered = padded.new_empty(world * longest)
+    wait_all([_gather_small(gathered, padded, group=group, async_op=True)], what=what)
+    rows = gathered.view(world, longest)
+    return [_unpickled(rows[rank, :count]) for rank, count in enumerate(counts)]
+
+
+def broadcast_object(obj: Any, src: int, group: ProcessGroup | None, what: str = "") -> Any:
+    """Rank ``src``'s ``obj`` (picklable) on every rank; ``src`` is a global rank, as in ``dist.broadcast``.
+    As ``dist.broadcast_object_list``, but its handles are kept (see [Note: keep finished work handles])."""
+    what = what or f"rank {src}'s broadcast object"
+    device = _object_device(group)
+    payload = _pickled(obj, device) if dist.get_rank() == src else None
+    size = torch.tensor([0 if payload is None else payload.numel()], dtype=torch.long, device=device)
+    wait_all([_broadcast_small(size, src=src, group=group, async_op=True)], what=what)
+    data = payload if payload is not None else torch.empty(int(size.item()), dtype=torch.uint8, device=device)
+    wait_all([_broadcast_small(data, src=src, group=group, async_op=True)], what=what)
+    return obj if payload is not None else _unpickled(data)
 
 
 def all_gather_into(flat: torch.Tensor, shard: torch.Tensor, group: ProcessGroup | None) -> None:
@@ -315,7 +355,9 @@ def all_gather_into(flat: torch.Tensor, shard: torch.Tensor, group: ProcessGroup
     wait_all([_all_gather(flat, shard, group=group, async_op=True)])
 
 
-_gather_flags = _all_gather  # kept apart, so counting wrappers around the bucket path do not see it
+# kept apart, so counting wrappers around the bucket path do not see them
+_gather_flags = _gather_small = _all_gather
+_broadcast_small = dist.broadcast
 
 
 def exchange_flags(local: torch.Tensor, group: ProcessGroup | None) -> torch.Tensor:
