@@ -22,7 +22,7 @@ from lightning_zero.loss_scaler import DynamicLossScaler, LossScaleAtMinimumErro
 from lightning_zero.memory import HostBytes, ModelStateBytes, model_state_bytes
 from lightning_zero.precision import ZeroPrecision
 from lightning_zero.report import MemoryEstimate, ZeroMeasurement, ZeroReport, estimate_memory
-from lightning_zero.sharding import ByModule, BySize, DtypeSlots, ZeroEngine, check_elementwise
+from lightning_zero.sharding import ByModule, BySize, DtypeSlots, ZeroEngine, check_elementwise, needs_whole_params
 from lightning_zero.strategy import ZeroStrategy
 
 __version__ = "0.1.0"
@@ -54,6 +54,7 @@ __all__ = [
     "ZeroReport",
     "ZeroStrategy",
     "check_elementwise",
+    "needs_whole_params",
     "consolidate_checkpoint",
     "estimate_memory",
     "is_sharded_checkpoint",

@@ -32,7 +32,8 @@ class ZeroConfig:
     ``bucket_numel``: elements per gradient bucket (default 2**23, 32 MiB in fp32); smaller buckets start
     reductions earlier in backward, larger ones make fewer collectives.
     ``reduce_policy``: when gradients are reduced under accumulation; see ``resolve_reduce_policy``.
-    ``allow_unknown_optimizer``: step an optimizer class not known to be element-wise (you vouch for it).
+    ``allow_unknown_optimizer``: vouch that an optimizer class we do not know is element-wise, so it steps
+    slices (the flat layout) instead of whole parameters (see [Note: whole parameters]).
     ``unit_numel``: stage 3 gathers a module without weights of its own (a transformer block) as one unit
     when it holds at most this many elements (default 2**24) and no stack of blocks; others are opened up.
     ``persist_numel``: stage 3 keeps the smallest units, up to this many elements in all, gathered on every

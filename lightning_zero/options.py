@@ -34,7 +34,8 @@ OPTIONS_DOC = """stage: 1 shards optimizer state, 2 also gradients, 3 also param
             full local gradients held meanwhile); "every_micro_batch" reduce-scatters every micro-batch so
             stage 2 keeps gradient memory sharded; "auto" picks per stage (see docs/trainer.md).
         bucket_numel: elements per gradient bucket.
-        allow_unknown_optimizer: shard an optimizer class not known to be element-wise (you vouch for it).
+        allow_unknown_optimizer: vouch that an optimizer class we do not know is element-wise: it then steps
+            slices instead of whole parameters.
         state_dict_type: "sharded" (default): a checkpoint is a directory in which each rank writes only its
             own slices, committed atomically; resumable on any world size and stage, by the Trainer and by
             Fabric alike, and ``lightning_zero.consolidate_checkpoint`` turns it into one plain file. "full":

@@ -59,6 +59,7 @@ def param_groups(model: nn.Module, lr: float) -> list[dict[str, Any]]:
 OPTIMIZERS: dict[str, Callable[[list[dict[str, Any]]], torch.optim.Optimizer]] = {
     "sgd": lambda groups: torch.optim.SGD(groups, lr=0.05, momentum=0.9),
     "adamw": lambda groups: torch.optim.AdamW(groups, lr=0.01),
+    "adafactor": lambda groups: torch.optim.Adafactor(groups, lr=0.01),  # whole parameters
 }
 
 

@@ -84,14 +84,6 @@ class WithOptimizer(LitTiny):
         return self.make(self) if self.make is not None else super().configure_optimizers()
 
 
-class Homemade(torch.optim.Optimizer):
-    def __init__(self, params: Any) -> None:
-        super().__init__(params, {"lr": 0.1})
-
-    def step(self, closure: Any = None) -> None:
-        return None
-
-
 def _freeze_all(module: LitTiny) -> None:
     module.requires_grad_(False)
 
@@ -111,9 +103,8 @@ def _sparse_embedding(module: LitTiny) -> None:
 
 
 FIT: dict[str, tuple[dict[str, Any], str]] = {
-    "LBFGS": ({"make": lambda m: torch.optim.LBFGS(m.parameters())}, "line search"),
-    "Adafactor": ({"make": lambda m: torch.optim.Adafactor(m.parameters())}, "factors the second moment"),
-    "an optimizer of unknown kind": ({"make": lambda m: Homemade(m.parameters())}, "allow_unknown_optimizer=True"),
+    "LBFGS": ({"make": lambda m: torch.optim.LBFGS(m.parameters())}, "two-loop recursion"),
+    "SparseAdam": ({"make": lambda m: torch.optim.SparseAdam(m.parameters())}, "sparse gradients"),
     "nothing trainable": ({"make": lambda m: torch.optim.SGD(m.parameters(), lr=0.1), "change": _freeze_all},
                           "holds no trainable parameter"),
     "a trainable parameter outside the optimizer": (

@@ -19,7 +19,7 @@ def _params() -> list[nn.Parameter]:
 @pytest.mark.parametrize(
     ("make", "reason"),
     [
-        (lambda p: optim.LBFGS(p), "line search"),
+        (lambda p: optim.LBFGS(p), "two-loop recursion"),
         (lambda p: optim.Adafactor(p), "factors the second moment"),
         (lambda p: optim.SparseAdam(p), "sparse gradients"),
         (lambda p: optim.Muon([nn.Parameter(torch.zeros(3, 3))]), "orthogonalises"),
@@ -34,7 +34,7 @@ def test_subclass_of_a_refused_optimizer_is_refused() -> None:
     class MyLBFGS(optim.LBFGS):
         pass
 
-    with pytest.raises(ValueError, match="line search"):
+    with pytest.raises(ValueError, match="two-loop recursion"):
         check_elementwise(MyLBFGS(_params()), allow_unknown=True)
 
 

@@ -61,10 +61,10 @@ class FlatBucket:
     plan: Bucket
     params: list[torch.nn.Parameter]  # in buffer order
     flat: torch.Tensor  # 1D padded_numel, storage dtype; stage 3: 0 bytes of storage while SHARDED
-    shard: torch.Tensor  # 1D shard_numel, storage dtype: this rank's slice (stage 3 units: a copy of its own)
-    master: torch.Tensor | None  # 1D shard_numel, master dtype: ``shard`` itself, its own tensor, or on the host
-    host_grad: torch.Tensor | None  # offload: 1D shard_numel gradient slice in host memory, master dtype
-    grad_shard: torch.Tensor | None  # 1D shard_numel, accumulate dtype: summed, undivided gradient slice
+    shard: torch.Tensor  # 1D shard_size, storage dtype: this rank's slice (stage 3 units: a copy of its own)
+    master: torch.Tensor | None  # 1D shard_size, master dtype: ``shard`` itself, its own tensor, or on the host
+    host_grad: torch.Tensor | None  # offload: 1D shard_size gradient slice in host memory, master dtype
+    grad_shard: torch.Tensor | None  # 1D shard_size, accumulate dtype: summed, undivided gradient slice
     grad_full: torch.Tensor | None  # stage 1: 1D padded_numel, storage dtype; the parameters' .grad view it
     late: torch.Tensor | None  # 1D padded_numel, reduce dtype: gradients that came after this bucket launched
 
@@ -108,6 +108,11 @@ class FlatBucket:
     def owned_range(self) -> tuple[int, int]:
         return self.plan.shard_range(self.rank)
 
+    @property
+    def shard_size(self) -> int:
+        """Elements this rank owns (uneven across ranks in the whole-parameter layout)."""
+        return self.plan.shard_size(self.rank)
+
     def owned(self) -> torch.Tensor:
         """This rank's slice of the full buffer (valid while GATHERED)."""
         lo, hi = self.owned_range
@@ -131,7 +136,7 @@ class FlatBucket:
         if self.param_state is not ParamState.SHARDED:
             return False
         self.flat.untyped_storage().resize_(self.flat.numel() * self.flat.element_size())
-        self._gather = comm.all_gather(self.flat, self.shard)
+        self._gather = comm.all_gather(self.flat, self.shard, self.plan.bounds)
         self.param_state = ParamState.GATHERING
         return True
 
@@ -157,7 +162,7 @@ class FlatBucket:
 
     def refresh(self, comm: Comm) -> Handle:
         """Persistent buckets: gather the full buffer again from the slices (after a step or a load)."""
-        return comm.all_gather(self.flat, self.shard)
+        return comm.all_gather(self.flat, self.shard, self.plan.bounds)
 
     # ------------------------------------------------------------------ gradients
     def init_grads(self, stage: int, in_place: bool) -> None:
@@ -175,7 +180,7 @@ class FlatBucket:
             lo, hi = self.owned_range
             self.grad_shard = self.grad_full.narrow(0, lo, hi - lo)
         else:
-            self.grad_shard = torch.zeros(self.plan.shard_numel, dtype=slots.accumulate, device=device)
+            self.grad_shard = torch.zeros(self.shard_size, dtype=slots.accumulate, device=device)
 
     def grad_arrived(self, position: int) -> bool:
         """Count parameter ``position``'s gradient for this backward; True once every one has arrived."""
@@ -223,8 +228,8 @@ class FlatBucket:
         if self.reduces_in_place or (not self.reduced_in_window and slots.reduce == slots.accumulate):
             output = self.grad_shard
         else:
-            output = torch.empty(self.plan.shard_numel, dtype=slots.reduce, device=source.device)
-        self._reduction = _Reduction(comm.reduce_scatter(output, source), output, source)
+            output = torch.empty(self.shard_size, dtype=slots.reduce, device=source.device)
+        self._reduction = _Reduction(comm.reduce_scatter(output, source, self.plan.bounds), output, source)
         self.grad_state = GradState.REDUCING
 
     def wait_reduce(self) -> None:
@@ -276,8 +281,8 @@ class FlatBucket:
         assert self.grad_shard is not None
         late = self.late if self.late is not None else torch.zeros(
             self.plan.padded_numel, dtype=self.plan.dtypes.reduce, device=self.grad_shard.device)
-        output = torch.empty(self.plan.shard_numel, dtype=late.dtype, device=late.device)
-        comm.reduce_scatter(output, late).wait()
+        output = torch.empty(self.shard_size, dtype=late.dtype, device=late.device)
+        comm.reduce_scatter(output, late, self.plan.bounds).wait()
         self.grad_shard.add_(output.to(self.grad_shard.dtype))
         self.late = None
 

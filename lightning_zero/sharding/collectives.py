@@ -52,6 +52,9 @@ __all__ = [
 
 _kept: list[Work] = []  # see [Note: keep finished work handles]
 
+#: Where each rank's shard of a bucket starts and ends (``Bucket.bounds``); None: even shards.
+Bounds = tuple[int, ...] | None
+
 
 class CollectiveError(RuntimeError):
     """A collective did not complete on this rank, most often because another rank failed."""
@@ -99,21 +102,22 @@ _reduce_scatter = getattr(dist, "reduce_scatter_single", dist.reduce_scatter_ten
 _all_gather = getattr(dist, "all_gather_single", dist.all_gather_into_tensor)
 _all_reduce_for_reduce_scatter = dist.all_reduce  # gloo's reduce-scatter path (see Comm.reduce_scatter)
 _broadcast = dist.broadcast  # gloo's all-gather path (see Comm.all_gather)
+_reduce_scatter_list, _all_gather_list = dist.reduce_scatter, dist.all_gather  # uneven slices, native path
 
 
 class _SliceOfAllReduce:
-    """The handle of a reduce-scatter run as an in-place all-reduce: waiting copies this rank's slice out."""
+    """The handle of a reduce-scatter run as an in-place all-reduce: waiting copies this rank's slice
+    (``start``, the size of ``output``) out."""
 
-    def __init__(self, work: Work, output: torch.Tensor, flat: torch.Tensor, rank: int) -> None:
-        self.work, self.rank = work, rank
+    def __init__(self, work: Work, output: torch.Tensor, flat: torch.Tensor, start: int) -> None:
+        self.work, self.start = work, start
         self.output: torch.Tensor | None = output
         self.flat: torch.Tensor | None = flat
 
     def wait(self) -> bool:
         self.work.wait()
         if self.output is not None and self.flat is not None:
-            size = self.output.numel()
-            owned = self.flat.narrow(0, self.rank * size, size)
+            owned = self.flat.narrow(0, self.start, self.output.numel())
             if owned.data_ptr() != self.output.data_ptr():
                 self.output.copy_(owned)
         self.output = self.flat = None  # the handle outlives the wait (wait_all keeps it); the buffers need not
@@ -136,14 +140,24 @@ class _AllOf:
 BROADCAST_GATHER_MAX_WORLD = 8
 
 
-def _all_gather_by_broadcasts(flat: torch.Tensor, shard: torch.Tensor, group: ProcessGroup | None = None) -> _AllOf:
+def _ranges(flat: torch.Tensor, world: int, bounds: Bounds) -> list[tuple[int, int]]:
+    """Each rank's ``(start, size)`` in ``flat``: from ``bounds``, else even."""
+    if bounds is None:
+        size = flat.numel() // world
+        return [(rank * size, size) for rank in range(world)]
+    return [(lo, hi - lo) for lo, hi in zip(bounds, bounds[1:])]
+
+
+def _all_gather_by_broadcasts(flat: torch.Tensor, shard: torch.Tensor, group: ProcessGroup | None = None,
+                              bounds: Bounds = None) -> _AllOf:
     """gloo's all-gather path, asynchronous: each rank broadcasts its slice of ``flat`` in place."""
-    size = shard.numel()
-    own = flat.narrow(0, dist.get_rank(group) * size, size)
-    if own.data_ptr() != shard.data_ptr():
+    ranges = _ranges(flat, dist.get_world_size(group), bounds)
+    start, size = ranges[dist.get_rank(group)]
+    own = flat.narrow(0, start, size)
+    if size and own.data_ptr() != shard.data_ptr():
         own.copy_(shard)
-    return _AllOf([_broadcast(flat.narrow(0, source * size, size), group=group, async_op=True, group_src=source)
-                   for source in range(dist.get_world_size(group))])
+    return _AllOf([_broadcast(flat.narrow(0, start, size), group=group, async_op=True, group_src=source)
+                   for source, (start, size) in enumerate(ranges) if size])
 
 
 class Handle:
@@ -151,8 +165,10 @@ class Handle:
     an event, the host does not block; CPU: the host waits) and drops the buffers it kept alive."""
 
     def __init__(self, work: Work | _AllOf | _SliceOfAllReduce | None, event: Any = None, module: Any = None,
-                 keep: tuple[torch.Tensor, ...] = (), device: torch.device | None = None) -> None:
+                 keep: tuple[torch.Tensor, ...] = (), device: torch.device | None = None,
+                 then: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
         self.work, self.event, self.module, self.keep, self.device = work, event, module, keep, device
+        self.then = then  # (into, source): copied after the wait (an uneven reduce-scatter's output)
 
     def wait(self) -> None:
         if self.event is not None:
@@ -160,7 +176,9 @@ class Handle:
             self.event = None
         elif self.work is not None:
             wait_all([self.work])
-        self.work, self.keep = None, ()
+        if self.then is not None:
+            self.then[0].copy_(self.then[1])
+        self.work, self.keep, self.then = None, (), None
 
 
 class Comm:
@@ -196,7 +214,8 @@ class Comm:
         self.rank = dist.get_rank(group)
         self.world_size = dist.get_world_size(group)
         self.device = device
-        self.native = path == "native" or dist.get_backend(group) != "gloo"
+        self.gloo = dist.get_backend(group) == "gloo"
+        self.native = path == "native" or not self.gloo
         self._streams: dict[str, Any] = {}
         if device.type not in ("cpu", "meta"):
             module = torch.get_device_module(device)
@@ -208,20 +227,22 @@ class Comm:
             dist.destroy_process_group(self.reduce_group)
             self.reduce_group = self.group
 
-    def _on_stream(self, kind: str, launch: Any, keep: tuple[torch.Tensor, ...]) -> Handle:
+    def _on_stream(self, kind: str, launch: Any, keep: tuple[torch.Tensor, ...],
+                   then: tuple[torch.Tensor, torch.Tensor] | None = None) -> Handle:
         """Run ``launch(async_op)`` on ``kind``'s stream after the compute stream's work so far."""
         stream = self._streams.get(kind)
         if stream is None:
-            return Handle(launch(True), keep=keep)
+            return Handle(launch(True), keep=keep, then=then)
         module = torch.get_device_module(self.device)
         stream.wait_stream(module.current_stream(self.device))
         with module.stream(stream):
             launch(False)  # enqueued on ``stream``; the host does not wait
             event = stream.record_event()
-        return Handle(None, event, module, keep, self.device)
+        return Handle(None, event, module, keep, self.device, then)
 
-    def reduce_scatter(self, output: torch.Tensor, flat: torch.Tensor) -> Handle:
-        """Start summing ``flat`` across ranks into this rank's ``output`` slice.
+    def reduce_scatter(self, output: torch.Tensor, flat: torch.Tensor, bounds: Bounds = None) -> Handle:
+        """Start summing ``flat`` across ranks into this rank's ``output`` slice (``bounds``: uneven slices,
+        see [Note: whole parameters]).
 
         ``output`` may be this rank's own slice of ``flat`` (in place); the rest of ``flat`` is scratch after
         the call. On gloo ("auto"), whose reduce-scatter is an all-reduce of a copy followed by a chunk copy
@@ -229,28 +250,47 @@ class Comm:
         ``flat`` instead: the same sums, half the time. Counted as the logical reduce-scatter it is.
         """
         _count("reduce_scatter", flat)
+        start = _ranges(flat, self.world_size, bounds)[self.rank][0]
         if not self.native:
             work = _all_reduce_for_reduce_scatter(flat, op=dist.ReduceOp.SUM, group=self.reduce_group, async_op=True)
-            return Handle(_SliceOfAllReduce(work, output, flat, self.rank))
+            return Handle(_SliceOfAllReduce(work, output, flat, start))
+        if bounds is not None:  # the list form: NCCL runs uneven pieces as one coalesced reduce per rank
+            pieces = [flat.narrow(0, lo, size) for lo, size in _ranges(flat, self.world_size, bounds)]
+            result = torch.empty_like(output)
+
+            def launch_uneven(async_op: bool) -> Work | None:
+                return _reduce_scatter_list(result, pieces, op=dist.ReduceOp.SUM, group=self.reduce_group,
+                                            async_op=async_op)
+
+            return self._on_stream("reduce_scatter", launch_uneven, (result, flat), then=(output, result))
+
         # NCCL reduces in place when ``output`` is this rank's slice of ``flat`` (its documented in-place case).
         def launch(async_op: bool) -> Work | None:
             return _reduce_scatter(output, flat, op=dist.ReduceOp.SUM, group=self.reduce_group, async_op=async_op)
 
         return self._on_stream("reduce_scatter", launch, (output, flat))
 
-    def all_gather(self, flat: torch.Tensor, shard: torch.Tensor) -> Handle:
-        """Start gathering every rank's ``shard`` into ``flat``; ``shard`` may be this rank's slice of it.
+    def all_gather(self, flat: torch.Tensor, shard: torch.Tensor, bounds: Bounds = None) -> Handle:
+        """Start gathering every rank's ``shard`` into ``flat``; ``shard`` may be this rank's slice of it
+        (``bounds``: uneven slices, see [Note: whole parameters]).
 
         On gloo ("auto") with at most ``BROADCAST_GATHER_MAX_WORLD`` ranks, each rank broadcasts its slice in
         place instead: the same bytes per rank, in 0.5x (1.8M elements) to 0.7x (5.4M) the time of gloo's
         all-gather at 2 ranks and 0.8x at 4, measured on torch 2.13 (gloo's worker threads run them side by
-        side).
+        side). Uneven slices always take that path on gloo, whose list-form all-gather takes even pieces only.
         """
         _count("all_gather", flat)
-        if not self.native:
-            if 1 < self.world_size <= BROADCAST_GATHER_MAX_WORLD:
-                return Handle(_all_gather_by_broadcasts(flat, shard, group=self.group))
+        if not self.native or (bounds is not None and self.gloo):  # gloo's all_gather takes even pieces only
+            if 1 < self.world_size <= BROADCAST_GATHER_MAX_WORLD or bounds is not None:
+                return Handle(_all_gather_by_broadcasts(flat, shard, group=self.group, bounds=bounds))
             return Handle(_all_gather(flat, shard, group=self.group, async_op=True))
+        if bounds is not None:  # the list form: NCCL runs uneven pieces as one coalesced broadcast per rank
+            pieces = [flat.narrow(0, lo, size) for lo, size in _ranges(flat, self.world_size, bounds)]
+
+            def launch_uneven(async_op: bool) -> Work | None:
+                return _all_gather_list(pieces, shard, group=self.group, async_op=async_op)
+
+            return self._on_stream("all_gather", launch_uneven, (flat, shard))
 
         def launch(async_op: bool) -> Work | None:
             return _all_gather(flat, shard, group=self.group, async_op=async_op)
@@ -258,9 +298,9 @@ class Comm:
         return self._on_stream("all_gather", launch, (flat, shard))
 
 
-def broadcast_from_first(tensors: list[torch.Tensor], group: ProcessGroup | None) -> None:
-    """Overwrite ``tensors`` on every rank with the values of the group's first rank."""
-    src = dist.get_global_rank(group, 0) if group is not None else 0
+def broadcast_from_first(tensors: list[torch.Tensor], group: ProcessGroup | None, source: int = 0) -> None:
+    """Overwrite ``tensors`` on every rank with the values of the group's first rank (or its rank ``source``)."""
+    src = dist.get_global_rank(group, source) if group is not None else source
     for tensor in tensors:
         _count("broadcast", tensor)
     wait_all([dist.broadcast(t, src=src, group=group, async_op=True) for t in tensors])
@@ -349,9 +389,14 @@ def broadcast_object(obj: Any, src: int, group: ProcessGroup | None, what: str =
     return obj if payload is not None else _unpickled(data)
 
 
-def all_gather_into(flat: torch.Tensor, shard: torch.Tensor, group: ProcessGroup | None) -> None:
-    """Gather every rank's ``shard`` into ``flat`` and wait: the cold paths (state dicts, initialisation)."""
+def all_gather_into(flat: torch.Tensor, shard: torch.Tensor, group: ProcessGroup | None,
+                    bounds: Bounds = None) -> None:
+    """Gather every rank's ``shard`` into ``flat`` and wait: the cold paths (state dicts, initialisation).
+    ``bounds``: uneven slices (see [Note: whole parameters]), gathered by one broadcast per rank."""
     _count("all_gather", flat)
+    if bounds is not None:
+        wait_all([_all_gather_by_broadcasts(flat, shard, group=group, bounds=bounds)])
+        return
     wait_all([_all_gather(flat, shard, group=group, async_op=True)])
 
 

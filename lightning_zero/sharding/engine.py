@@ -45,7 +45,7 @@ from lightning_zero.sharding.collectives import (
 from lightning_zero.sharding.gradients import GradientReducer
 from lightning_zero.sharding.init import PendingChunk, pending_chunks
 from lightning_zero.sharding.layout import ByModule, BySize, DtypeSlots, Layout, full_precision_params, plan_layout
-from lightning_zero.sharding.optimizer import ShardedOptimizer, check_host_steppable
+from lightning_zero.sharding.optimizer import ShardedOptimizer, check_host_steppable, needs_whole_params
 from lightning_zero.sharding.parameters import ParameterSharder, module_units
 from lightning_zero.sharding.state import FORMAT, FullSource, StateSource
 
@@ -129,8 +129,10 @@ class ZeroEngine:
         if dtypes is not None and dtypes.storage.itemsize < dtypes.master.itemsize:  # *-mixed
             # Only those already in the master dtype: a 16-bit one keeps its fp32 master slice.
             own_dtype = {p for p in full_precision_params(module, shapes) if p.dtype == dtypes.master}
+        #: Whether the optimizer steps whole parameters (see [Note: whole parameters]).
+        self.whole_params = needs_whole_params(optimizer, self.config.allow_unknown_optimizer)
         self.layout: Layout = plan_layout(named, self.world_size, grouping, group_of, dtypes, aliases,
-                                          shapes=shapes, own_dtype=own_dtype)
+                                          shapes=shapes, own_dtype=own_dtype, whole=self.whole_params)
         self._check_ranks_agree()
         self.params: list[torch.nn.Parameter] = [param for _, param in named]
         self.comm = Comm(process_group, self.device, self.config.comm,
@@ -153,7 +155,7 @@ class ZeroEngine:
         if self.offload:
             for bucket in self.trainable_buckets:
                 assert bucket.master is not None
-                bucket.host_grad = self._host_empty(bucket.plan.shard_numel, bucket.master.dtype)
+                bucket.host_grad = self._host_empty(bucket.shard_size, bucket.master.dtype)
         self.optimizer = ShardedOptimizer(
             optimizer,
             self.layout,
@@ -308,6 +310,7 @@ class ZeroEngine:
         reducer = self.reducer
         shards = [b.grad_shard for b in reducer.order if b.grad_shard is not None]
         shards += [b.late for b in reducer.order if b.late is not None]
+        shards = [s for s in shards if s.numel()]  # a rank may own nothing of a bucket ([Note: whole parameters])
         # aminmax propagates NaN and shows an inf: exact in one pass, and no host read here.
         extremes = torch.stack([torch.stack(torch.aminmax(s)).float() for s in shards]) if shards else None
         grad_nonfinite = (~torch.isfinite(extremes)).any() if extremes is not None else torch.tensor(False)
@@ -477,7 +480,7 @@ class ZeroEngine:
                 assert bucket.master is not None
                 bucket.shard.copy_(bucket.master, non_blocking=self._pin)
             if self.config.stage < 3:
-                handles.append(self.comm.all_gather(bucket.flat, bucket.shard))
+                handles.append(self.comm.all_gather(bucket.flat, bucket.shard, bucket.plan.bounds))
         for handle in handles:
             handle.wait()
         if self.sharder is not None:
@@ -617,7 +620,7 @@ class ZeroEngine:
             shard = self._authoritative_shard(bucket)
             if shard is not None:
                 source = torch.empty(bucket.plan.padded_numel, dtype=shard.dtype, device=self.device)
-                all_gather_into(source, shard.to(self.device), self.group)
+                all_gather_into(source, shard.to(self.device), self.group, bucket.plan.bounds)
             for index in bucket.plan.params if keep else ():
                 record = self.layout.params[index]
                 if source is not None:
@@ -760,7 +763,7 @@ class ZeroEngine:
                 continue
             assert bucket.master is not None
             full = torch.empty(bucket.plan.padded_numel, dtype=bucket.master.dtype, device=self.device)
-            all_gather_into(full, bucket.master.to(self.device), self.group)
+            all_gather_into(full, bucket.master.to(self.device), self.group, bucket.plan.bounds)
             for index, param in zip(bucket.plan.params, bucket.params):
                 record = self.layout.params[index]
                 param.data = full.narrow(0, record.offset, record.numel).view(record.shape)

@@ -43,6 +43,26 @@ Worked example, world size 2, one bucket holding ``a`` (3 elements) and ``b`` (4
     flat   [a0 a1 a2 b0 | b1 b2 b3 pad]      padded_numel 8, shard_numel 4
     rank 0 owns a[0:3] at shard offset 0 and b[0:1] at shard offset 3
     rank 1 owns b[1:4] at shard offset 0 (and one padding element)
+
+[Note: whole parameters]
+An optimizer whose update of a parameter reads the whole of it (Muon orthogonalises each matrix, Adafactor
+factors its second moment over rows and columns, LAMB and LARS divide by its norm) is exact only if one
+rank holds the whole parameter. For these (and for optimizers we do not know: the layout is exact for any
+optimizer whose update of a parameter depends on that parameter alone) every trainable bucket is laid out
+by owner instead: each parameter goes whole to the rank that owns the fewest elements so far, largest
+first, over the whole model (sorted greedy, as ZeroRedundancyOptimizer partitions), and the bucket holds
+rank 0's parameters, then rank 1's, and so on, with no padding. Rank ``r`` owns ``[bounds[r], bounds[r+1])``:
+the shards are uneven, so each bucket still reduces and gathers with one collective, over uneven pieces
+(``Comm``). The bytes moved per step are those of the flat layout (the bucket once each way); the balance is
+that of a greedy partition: the most-loaded rank owns at most the average plus the largest parameter. A
+rank may own nothing in a bucket, and a parameter larger than the average share makes its owner the
+heaviest: state per rank is ``K * owned`` instead of ``K * numel / N``.
+
+Worked example, world size 2, one bucket holding ``a`` (3 elements), ``b`` (4) and ``c`` (2)::
+
+    b -> rank 0 (loads 4, 0); a -> rank 1 (4, 3); c -> rank 1 (4, 5)
+    flat   [b0 b1 b2 b3 | a0 a1 a2 c0 c1]   bounds (0, 4, 9)
+    rank 0 owns b whole, rank 1 owns a and c whole
 """
 
 from __future__ import annotations
@@ -117,10 +137,20 @@ class Bucket:
     shard_numel: int
     dtypes: DtypeSlots
     unit: str = ""  # the grouping unit (module FQN for stage 3); "" for size-based buckets
+    #: Whole-parameter layout: rank ``r`` owns ``[bounds[r], bounds[r + 1])``, whole parameters back to back
+    #: (see [Note: whole parameters]); None: even shards of ``shard_numel``, cutting through parameters.
+    bounds: tuple[int, ...] | None = None
 
     def shard_range(self, rank: int) -> tuple[int, int]:
         """The ``[start, end)`` range of the flat buffer that ``rank`` owns."""
+        if self.bounds is not None:
+            return self.bounds[rank], self.bounds[rank + 1]
         return rank * self.shard_numel, (rank + 1) * self.shard_numel
+
+    def shard_size(self, rank: int) -> int:
+        """How many elements ``rank`` owns (every rank the same in the flat layout)."""
+        lo, hi = self.shard_range(rank)
+        return hi - lo
 
     @property
     def trainable(self) -> bool:
@@ -239,6 +269,14 @@ class Layout:
                 slices.append(ShardSlice(index, start - record.offset, end - start, start - lo))
         return tuple(slices)
 
+    def owner(self, record: ParamRecord) -> int | None:
+        """The rank holding ``record`` whole in the whole-parameter layout; None where shards cut through it."""
+        bounds = self.buckets[record.bucket].bounds
+        if bounds is None:
+            return None
+        return next((rank for rank in range(self.world_size) if record.offset < bounds[rank + 1]),
+                    self.world_size - 1)
+
     def describe(self) -> list[tuple[str, tuple[int, ...], str, bool, int | None]]:
         """Rank-independent metadata (FQN, shape, dtype, requires_grad, group) of every parameter."""
         rows = []
@@ -249,7 +287,7 @@ class Layout:
 
     def fingerprint(self) -> int:
         """A 63-bit digest of ``describe()`` and the bucket plan, equal on ranks that agree."""
-        text = repr((self.describe(), [(b.key.group, b.params, b.padded_numel) for b in self.buckets]))
+        text = repr((self.describe(), [(b.key.group, b.params, b.padded_numel, b.bounds) for b in self.buckets]))
         return int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "little") >> 1
 
 
@@ -262,6 +300,7 @@ def plan_layout(
     aliases: Mapping[str, Sequence[str]] | None = None,
     shapes: Mapping[torch.nn.Parameter, torch.Size] | None = None,
     own_dtype: Collection[torch.nn.Parameter] = (),
+    whole: bool = False,
 ) -> Layout:
     """Plan buckets for ``named_params`` (registration order, each tensor once) on ``world_size`` ranks.
 
@@ -269,7 +308,8 @@ def plan_layout(
     buckets in fp32 or in ``dtypes.storage`` (default, and for every other parameter: every slot in the
     parameter's own dtype, so a float64 layer stays float64); ``own_dtype`` lists parameters that keep their
     own dtype regardless; ``aliases`` lists extra names of tied parameters; ``shapes`` gives the true shape
-    of parameters that are empty placeholders (built under sharded initialisation).
+    of parameters that are empty placeholders (built under sharded initialisation); ``whole`` gives every
+    trainable parameter whole to one rank (see [Note: whole parameters]).
     """
     if world_size < 1:
         raise ValueError(f"world_size must be >= 1, got {world_size}")
@@ -293,10 +333,14 @@ def plan_layout(
     fqn_position = {fqn: position for position, (fqn, _) in enumerate(named)}
     records: list[ParamRecord | None] = [None] * len(named)
     buckets: list[Bucket] = []
+    loads = [0] * world_size  # elements owned so far by each rank, over every whole-parameter bucket
     for unit, members in grouping.split(candidates):
         key = members[0].key
         if any(m.key != key for m in members):
             raise ValueError("a grouping returned a bucket mixing param groups, dtypes or requires_grad")
+        bounds: tuple[int, ...] | None = None
+        if whole and key.group is not None and key.requires_grad:
+            members, bounds = _by_owner(members, loads)
         offset = 0
         indices = []
         for member in members:
@@ -308,13 +352,16 @@ def plan_layout(
             )
             indices.append(position)
             offset += member.numel
-        padded = max(world_size, math.ceil(offset / world_size) * world_size)
+        padded = max(world_size, math.ceil(offset / world_size) * world_size) if bounds is None else offset
+        shard_numel = padded // world_size
+        if bounds is not None:
+            shard_numel = max(hi - lo for lo, hi in zip(bounds, bounds[1:]))
         slots = DtypeSlots.uniform(key.dtype)
         if (dtypes is not None and key.requires_grad and not key.own_dtype
                 and key.dtype in (torch.float32, dtypes.storage)):
             slots = dtypes
         buckets.append(
-            Bucket(len(buckets), key, tuple(indices), offset, padded, padded // world_size, slots, unit)
+            Bucket(len(buckets), key, tuple(indices), offset, padded, shard_numel, slots, unit, bounds)
         )
     if any(r is None for r in records):
         raise ValueError("a grouping dropped parameters")
@@ -322,3 +369,20 @@ def plan_layout(
     by_fqn = {r.fqn: r.index for r in final}
     by_fqn.update({alias: r.index for r in final for alias in r.aliases})
     return Layout(world_size, final, tuple(buckets), by_fqn)
+
+
+def _by_owner(members: list[_Candidate], loads: list[int]) -> tuple[list[_Candidate], tuple[int, ...]]:
+    """``members`` reordered rank by rank, each given whole to the rank that owns the fewest elements so far
+    (largest first; ``loads`` is updated), and the bounds of each rank's run."""
+    owner: dict[int, int] = {}
+    for member in sorted(members, key=lambda m: (-m.numel, m.position)):
+        rank = min(range(len(loads)), key=lambda r: (loads[r], r))
+        owner[member.position] = rank
+        loads[rank] += member.numel
+    ordered: list[_Candidate] = []
+    bounds = [0]
+    for rank in range(len(loads)):
+        mine = [m for m in members if owner[m.position] == rank]
+        ordered.extend(mine)
+        bounds.append(bounds[-1] + sum(m.numel for m in mine))
+    return ordered, tuple(bounds)

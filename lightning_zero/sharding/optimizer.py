@@ -2,8 +2,9 @@
 
 Re-pointing (as DeepSpeed does) rather than building a second optimizer keeps every param group dict the
 same object, so LR schedulers, ``LearningRateMonitor`` and per-group lr / weight decay work untouched, and
-the optimizer's own ``step`` is what runs. Only element-wise optimizers give the same result on slices of
-parameters as on whole ones (see [Note: flat contiguous shards] in ``layout.py``).
+the optimizer's own ``step`` is what runs. Element-wise optimizers step slices that cut through parameters
+(see [Note: flat contiguous shards] in ``layout.py``); the others step whole parameters, viewed in their own
+shape (see [Note: whole parameters]).
 """
 
 from __future__ import annotations
@@ -16,11 +17,12 @@ from torch import optim
 from torch.optim import optimizer as torch_optimizer
 
 from lightning_zero.sharding.bucket import FlatBucket, OptimizerEntry
-from lightning_zero.sharding.collectives import all_gather_into, all_gather_objects
-from lightning_zero.sharding.layout import Layout
+from lightning_zero.sharding.collectives import all_gather_into, all_gather_objects, broadcast_from_first
+from lightning_zero.sharding.layout import Bucket, Layout
 from lightning_zero.sharding.state import FullSource, StateSource
 
-__all__ = ["ELEMENTWISE_OPTIMIZERS", "ShardedOptimizer", "check_elementwise", "check_host_steppable"]
+__all__ = ["ELEMENTWISE_OPTIMIZERS", "ShardedOptimizer", "check_elementwise", "check_host_steppable",
+           "needs_whole_params"]
 
 ELEMENTWISE_OPTIMIZERS: frozenset[type[optim.Optimizer]] = frozenset(
     {
@@ -29,10 +31,9 @@ ELEMENTWISE_OPTIMIZERS: frozenset[type[optim.Optimizer]] = frozenset(
     }
 )
 
+# Optimizers whose update of a parameter reads the whole of it: exact in the whole-parameter layout.
 _WHOLE_TENSOR_REASONS = {
-    "LBFGS": "it runs a line search over the whole flattened parameter vector and keeps its history",
     "Adafactor": "it factors the second moment over the rows and columns of each whole weight matrix",
-    "SparseAdam": "it needs sparse gradients, while ZeRO reduces dense flat buckets",
     "Muon": "it orthogonalises each whole weight matrix",
     "Shampoo": "its preconditioners span whole weight matrices",
     "LAMB": "its trust ratio divides by the norm of each whole parameter",
@@ -41,32 +42,55 @@ _WHOLE_TENSOR_REASONS = {
     "LARS": "its trust ratio divides by the norm of each whole parameter",
     "Lars": "its trust ratio divides by the norm of each whole parameter",
 }
+# Optimizers no layout makes exact.
+_REFUSED_REASONS = {
+    "LBFGS": "it re-evaluates the loss through a closure several times per step and its two-loop recursion takes "
+             "dot products over every parameter at once, so no split of the parameters across ranks is exact; "
+             "train it under ddp",
+    "SparseAdam": "it needs sparse gradients, while ZeRO reduces dense flat buckets; use Adam or AdamW",
+}
 
 
-def check_elementwise(optimizer: optim.Optimizer, allow_unknown: bool = False) -> None:
-    """Raise unless ``optimizer`` updates each element from that element's own state only.
-
-    ZeRO hands each rank contiguous slices that cut through parameters; an optimizer whose update of an
-    element depends on the rest of its tensor (norms, factorisations, line searches) would silently
-    compute something else. Unknown classes need ``allow_unknown=True``: the caller vouches for them.
-    """
+def _user_class(optimizer: optim.Optimizer) -> type[optim.Optimizer]:
     cls = type(optimizer)
     if getattr(cls, "_lightning_zero_routed", False):  # Fabric's routed subclass: judge the user's class
         cls = cls.__mro__[1]
+    return cls
+
+
+def needs_whole_params(optimizer: optim.Optimizer, allow_unknown: bool = False) -> bool:
+    """Whether ``optimizer`` must step whole parameters (the whole-parameter layout), or may step slices that
+    cut through them (the flat layout: element-wise optimizers). Raises for the few no layout makes exact.
+
+    Known element-wise classes take the flat layout; Muon, Adafactor, LAMB- and LARS-style optimizers the
+    whole one (see [Note: whole parameters] in ``layout.py``). An unknown class takes the whole layout too,
+    which is exact for any optimizer that updates each parameter from that parameter's own gradient and
+    state; ``allow_unknown=True`` vouches that it is element-wise and takes the flat layout instead.
+    """
+    cls = _user_class(optimizer)
     for klass in cls.__mro__:
-        reason = _WHOLE_TENSOR_REASONS.get(klass.__name__)
+        reason = _REFUSED_REASONS.get(klass.__name__)
         if reason is not None:
-            raise ValueError(
-                f"{cls.__name__} cannot be sharded by ZeRO: {reason}, but each rank holds only a slice. "
-                "Use an element-wise optimizer such as AdamW or SGD."
-            )
+            raise ValueError(f"{cls.__name__} cannot be sharded by ZeRO: {reason}.")
+    if any(klass.__name__ in _WHOLE_TENSOR_REASONS for klass in cls.__mro__):
+        return True
+    return not (cls in ELEMENTWISE_OPTIMIZERS or allow_unknown)
+
+
+def check_elementwise(optimizer: optim.Optimizer, allow_unknown: bool = False) -> None:
+    """Raise unless ``optimizer`` updates each element from that element's own state only (the flat layout
+    fits it); ``allow_unknown=True``: the caller vouches for an unknown class."""
+    cls = _user_class(optimizer)
+    for klass in cls.__mro__:
+        reason = _WHOLE_TENSOR_REASONS.get(klass.__name__) or _REFUSED_REASONS.get(klass.__name__)
+        if reason is not None:
+            raise ValueError(f"{cls.__name__} is not element-wise: {reason}.")
     if cls in ELEMENTWISE_OPTIMIZERS or allow_unknown:
         return
     known = ", ".join(sorted(k.__name__ for k in ELEMENTWISE_OPTIMIZERS))
     raise ValueError(
-        f"{cls.__module__}.{cls.__name__} is not a known element-wise optimizer ({known}). ZeRO steps "
-        "slices of parameters, which is exact only when each element's update depends on that element "
-        "alone. If yours is, pass allow_unknown_optimizer=True."
+        f"{cls.__module__}.{cls.__name__} is not a known element-wise optimizer ({known}); ZeRO gives it whole "
+        "parameters. If it is element-wise, pass allow_unknown_optimizer=True for the flat layout."
     )
 
 
@@ -119,8 +143,9 @@ class ShardedOptimizer:
     ) -> None:
         """``buckets`` are the trainable buckets: the optimizer steps each one's ``master`` slice and reads its
         gradient slice (``host_grad`` under offload, else ``grad_shard``); their ``entries`` are set here.
-        ``device`` is where collectives run (the parameters' device; default: the masters')."""
-        check_elementwise(optimizer, allow_unknown)
+        ``device`` is where collectives run (the parameters' device; default: the masters'). In the whole-parameter
+        layout each entry is a whole parameter, its master and gradient viewed in the parameter's shape."""
+        needs_whole_params(optimizer, allow_unknown)  # refuses what no layout makes exact
         # State the optimizer already holds (Adagrad makes it at construction; a resumed optimizer has it)
         # is kept: each rank slices out its part below.
         existing = {fqn_of[p]: dict(values) for p, values in optimizer.state.items()}
@@ -141,15 +166,19 @@ class ShardedOptimizer:
                     continue
                 master, grads = bucket.master, bucket.host_grad if bucket.host_grad is not None else bucket.grad_shard
                 assert master is not None and grads is not None
+                shaped = bucket.plan.bounds is not None  # whole parameters: in their own shape
                 bucket.entries = [
-                    OptimizerEntry(piece, master.narrow(0, piece.shard_offset, piece.numel),
-                                   grads.narrow(0, piece.shard_offset, piece.numel))
+                    OptimizerEntry(piece, *(
+                        view.view(layout.params[piece.param].shape) if shaped else view
+                        for view in (master.narrow(0, piece.shard_offset, piece.numel),
+                                     grads.narrow(0, piece.shard_offset, piece.numel))))
                     for piece in layout.shard_slices(bucket.plan, rank)
                 ]
                 views.extend(entry.master for entry in bucket.entries)
             group["params"] = views
         optimizer.state.clear()
-        self._restore_slices(FullSource({"optimizer": {"state": existing}}))
+        self._restore_slices(FullSource({"optimizer": {"state": existing}},
+                                        shapes={record.fqn: record.shape for record in layout.params}))
         self._stepping = False
         self._guard = optimizer.register_step_pre_hook(self._refuse_direct_step)
 
@@ -192,8 +221,12 @@ class ShardedOptimizer:
         fqns = [record.fqn for record in self.layout.params]
         schema: dict[int, dict[str, tuple[str, Any]]] = {}
         for piece, master, _ in self._entries():
+            whole = self.layout.owner(self.layout.params[piece.param]) is not None
             for key, value in self.optimizer.state.get(master, {}).items():
                 if torch.is_tensor(value) and value.dim() > 0:
+                    if whole:  # any shape (Adafactor's row and column factors): sent whole by its owner
+                        schema.setdefault(piece.param, {})[key] = ("whole", (value.dtype, tuple(value.shape)))
+                        continue
                     if value.shape != master.shape:
                         raise ValueError(
                             f"optimizer state {key!r} of {fqns[piece.param]!r} is not element-wise "
@@ -214,6 +247,9 @@ class ShardedOptimizer:
                     state[fqns[index]][key] = value
         for bucket in self.layout.buckets:
             if not bucket.trainable:
+                continue
+            if bucket.bounds is not None:
+                self._gather_whole_state(bucket, merged, state, group, keep)
                 continue
             tensor_keys = sorted(
                 {(key, value) for i in bucket.params for key, (kind, value) in merged.get(i, {}).items()
@@ -237,6 +273,27 @@ class ShardedOptimizer:
                         state[record.fqn][key] = full.narrow(0, record.offset, record.numel).view(
                             record.shape).to("cpu", copy=True)
         return {"state": state, "param_groups": self.param_groups()}
+
+    def _gather_whole_state(self, bucket: Bucket, merged: Mapping[int, Mapping[str, tuple[str, Any]]],
+                            state: dict[str, dict[str, Any]], group: torch.distributed.ProcessGroup | None,
+                            keep: bool) -> None:
+        """A whole-parameter bucket's tensor state into ``state``: each value broadcast by its owner."""
+        masters = {entry.piece.param: entry.master for entry in self._entries()}
+        for index in bucket.params:
+            record = self.layout.params[index]
+            owner = self.layout.owner(record)
+            assert owner is not None
+            for key, (kind, spec) in sorted(merged.get(index, {}).items()):
+                if kind != "whole":
+                    continue
+                dtype, shape = spec
+                if owner == self.rank:
+                    value = self.optimizer.state[masters[index]][key].to(self.device, copy=True)
+                else:
+                    value = torch.empty(shape, dtype=dtype, device=self.device)
+                broadcast_from_first([value], group, source=owner)
+                if keep:
+                    state[record.fqn][key] = value.to("cpu", copy=True)
 
     def param_groups(self) -> list[dict[str, Any]]:
         """The param groups' settings, each with the FQNs of its parameters in place of tensors."""
@@ -272,15 +329,23 @@ class ShardedOptimizer:
         self._restore_slices(source)
 
     def _restore_slices(self, source: StateSource) -> None:
-        """Give each of this rank's slices its part of the saved state."""
+        """Give each of this rank's slices its part of the saved state (element-wise values in the shape of
+        the slice's master; a whole parameter's other values, such as Adafactor's factors, as saved)."""
         for piece, master, _ in self._entries():
             values = source.optimizer_state(self.layout.params[piece.param].fqn, piece.start, piece.numel)
             if values:
                 self.optimizer.state[master] = {
-                    key: value.to(device=master.device, copy=True) if torch.is_tensor(value) else value
-                    for key, value in values.items()
+                    key: _shaped(value, master).to(device=master.device, copy=True) if torch.is_tensor(value)
+                    else value for key, value in values.items()
                 }
 
     def remove_hooks(self) -> None:
         """Stop refusing direct steps (the engine is being torn down)."""
         self._guard.remove()
+
+
+def _shaped(value: torch.Tensor, master: torch.Tensor) -> torch.Tensor:
+    """An element-wise state value in ``master``'s shape (saved 1-D or in the parameter's shape)."""
+    if value.dim() > 0 and value.numel() == master.numel():
+        return value.reshape(master.shape)
+    return value

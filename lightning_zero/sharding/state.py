@@ -57,9 +57,10 @@ class StateSource(Protocol):
 class FullSource:
     """A ``ZeroEngine.full_state_dict()``-format dict (whole tensors keyed by FQN) as a source."""
 
-    def __init__(self, state: Mapping[str, Any]) -> None:
+    def __init__(self, state: Mapping[str, Any], shapes: Mapping[str, torch.Size] | None = None) -> None:
+        """``shapes``: the parameters' shapes where ``state`` holds optimizer state only."""
         self.params: Mapping[str, torch.Tensor] = state.get("params", {})
-        self.shapes = {fqn: value.shape for fqn, value in self.params.items()}
+        self.shapes = dict(shapes) if shapes is not None else {fqn: value.shape for fqn, value in self.params.items()}
         optimizer = state.get("optimizer") or {}
         self.optimizer: Mapping[str, Mapping[str, Any]] = optimizer.get("state", {})
         self.param_groups = optimizer.get("param_groups")
@@ -68,8 +69,11 @@ class FullSource:
         return self.params[fqn].reshape(-1).narrow(0, start, numel)
 
     def optimizer_state(self, fqn: str, start: int, numel: int) -> dict[str, Any]:
-        return {key: value.reshape(-1).narrow(0, start, numel) if _is_vector(value) else value
-                for key, value in (self.optimizer.get(fqn) or {}).items()}
+        values = self.optimizer.get(fqn) or {}
+        if start == 0 and numel == self.shapes[fqn].numel():  # the whole parameter: every value as saved
+            return dict(values)
+        return {key: _slice(value, fqn, key, numel_of=self.shapes[fqn].numel(), at=start, count=numel)
+                if _is_vector(value) else value for key, value in values.items()}
 
 
 @dataclass(frozen=True)
@@ -118,15 +122,35 @@ class PieceSource:
         return out
 
     def optimizer_state(self, fqn: str, start: int, numel: int) -> dict[str, Any]:
+        overlaps = self._overlaps(fqn, start, numel)
+        if len(overlaps) == 1 and overlaps[0][1:] == (0, 0, numel):
+            saved = overlaps[0][0]
+            if _piece_numel(saved) == numel:  # exactly one saved piece: every value as saved
+                return dict(saved["optimizer"])
         state: dict[str, Any] = {}
-        for saved, at, to, count in self._overlaps(fqn, start, numel):
+        for saved, at, to, count in overlaps:
             for key, value in saved["optimizer"].items():
                 if _is_vector(value):
-                    state.setdefault(key, torch.empty(numel, dtype=value.dtype)).narrow(0, to, count).copy_(
-                        value.narrow(0, at, count))
+                    part = _slice(value, fqn, key, numel_of=_piece_numel(saved), at=at, count=count)
+                    state.setdefault(key, torch.empty(numel, dtype=value.dtype)).narrow(0, to, count).copy_(part)
                 else:
                     state.setdefault(key, value)
         return state
+
+
+def _piece_numel(saved: Mapping[str, Any]) -> int:
+    return saved["param"].numel()
+
+
+def _slice(value: torch.Tensor, fqn: str, key: str, numel_of: int, at: int, count: int) -> torch.Tensor:
+    """Elements ``[at, at + count)`` of an element-wise state value saved for ``numel_of`` elements."""
+    if value.numel() != numel_of:
+        raise ValueError(
+            f"optimizer state {key!r} of {fqn!r} (shape {tuple(value.shape)}) is not element-wise, so it "
+            "cannot be cut into the slices of another layout: load it with an optimizer of the same kind, "
+            "which gives every rank whole parameters (see [Note: whole parameters])"
+        )
+    return value.reshape(-1).narrow(0, at, count)
 
 
 def pieces_of(state: Mapping[str, Any], read: Callable[[str, int | str], Mapping[str, Any]] | None = None,
@@ -159,8 +183,8 @@ def to_full_state_dict(source: StateSource, aliases: Mapping[str, Sequence[str]]
         if optimizer:
             values = source.optimizer_state(fqn, 0, shape.numel())
             if values:
-                state[fqn] = {key: value.reshape(shape) if _is_vector(value) else value
-                              for key, value in values.items()}
+                state[fqn] = {key: value.reshape(shape) if _is_vector(value) and value.numel() == shape.numel()
+                              else value for key, value in values.items()}
     for fqn, names in (aliases or {}).items():
         for alias in names:
             params[alias] = params[fqn]
