@@ -609,7 +609,7 @@ def restore_optimizer(engine: ZeroEngine, state: Mapping[str, Any], shards: Shar
         groups = state.get("param_groups") or []
         if groups and groups[0]["params"] and isinstance(groups[0]["params"][0], int):
             state = named_optimizer_state(state, engine.optimizer.param_fqns)  # saved by ``ddp``
-        source = FullSource({"optimizer": state})
+        source = FullSource({"optimizer": state}, shapes=engine.optimizer.shapes)
     try:
         engine.optimizer.load_state(source)
     except ValueError as exc:

@@ -177,8 +177,9 @@ class ShardedOptimizer:
                 views.extend(entry.master for entry in bucket.entries)
             group["params"] = views
         optimizer.state.clear()
-        self._restore_slices(FullSource({"optimizer": {"state": existing}},
-                                        shapes={record.fqn: record.shape for record in layout.params}))
+        #: Every parameter's shape by FQN, for sources that hold optimizer state only.
+        self.shapes = {record.fqn: record.shape for record in layout.params}
+        self._restore_slices(FullSource({"optimizer": {"state": existing}}, shapes=self.shapes))
         self._stepping = False
         self._guard = optimizer.register_step_pre_hook(self._refuse_direct_step)
 
@@ -315,7 +316,7 @@ class ShardedOptimizer:
 
     def load_full_state_dict(self, full: Mapping[str, Any]) -> None:
         """Take this rank's slices out of a ``full_state_dict()`` saved on any world size (no collective)."""
-        self.load_state(FullSource({"optimizer": full}))
+        self.load_state(FullSource({"optimizer": full}, shapes=self.shapes))
 
     def load_state(self, source: StateSource) -> None:
         """Restore settings and this rank's slices of the state from ``source`` (no collective)."""
