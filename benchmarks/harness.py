@@ -33,19 +33,30 @@ def time_gpt_steps(system: str, rank: int, model_args: tuple[int, ...], batch_si
     """Step times of the example GPT (fp32 AdamW, accumulate 1) under ``system`` ("ddp" for torch DDP, or
     "zero1"/"zero2"/"zero3"), after ``warmup`` steps; ``on_warm`` runs once the warm-up is over. Every rank
     draws its own batches; a barrier starts each step."""
-    from gpt import GPT, corpus, sample_batch
-    from torch.nn.parallel import DistributedDataParallel
+    from gpt import GPT
 
     from lightning_zero import ZeroConfig, ZeroEngine
 
-    data = corpus()
     torch.manual_seed(0)
     model = GPT(*model_args)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
-    if system == "ddp":
-        net, engine = DistributedDataParallel(model), None
-    else:
-        net, engine = model, ZeroEngine(model, optimizer, ZeroConfig(stage=int(system[-1])))
+    optimizers = [torch.optim.AdamW(model.parameters(), lr=1e-3)]
+    engine = None if system == "ddp" else ZeroEngine(model, optimizers, ZeroConfig(stage=int(system[-1])))
+    times = time_steps(model, optimizers, engine, rank, batch_size, warmup, steps, on_warm)
+    if engine is not None:
+        engine.close()
+    return times
+
+
+def time_steps(model: torch.nn.Module, optimizers: Sequence[torch.optim.Optimizer], engine: Any, rank: int,
+               batch_size: int, warmup: int, steps: int, on_warm: Callable[[], None] = lambda: None) -> list[float]:
+    """Step times of the example GPT ``model`` with ``optimizers``, under torch DDP (``engine`` None) or the
+    ZeRO ``engine`` that shards them, after ``warmup`` steps. Every rank draws its own batches; a barrier
+    starts each step."""
+    from gpt import corpus, sample_batch
+    from torch.nn.parallel import DistributedDataParallel
+
+    data = corpus()
+    net = DistributedDataParallel(model) if engine is None else model
     generator = torch.Generator().manual_seed(rank)
     times = []
     for step in range(warmup + steps):
@@ -56,15 +67,14 @@ def time_gpt_steps(system: str, rank: int, model_args: tuple[int, ...], batch_si
         start = time.perf_counter()
         logits = net(x)
         torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1)).backward()
-        if engine is None:
-            optimizer.step()
-            optimizer.zero_grad()
-        else:
-            engine.step()
+        for which, optimizer in enumerate(optimizers):
+            if engine is None:
+                optimizer.step()
+                optimizer.zero_grad()
+            else:
+                engine.step(optimizer=which)
         if step >= warmup:
             times.append(time.perf_counter() - start)
-    if engine is not None:
-        engine.close()
     return times
 
 

@@ -38,7 +38,7 @@ import threading
 import time
 import uuid
 import zlib
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from datetime import timedelta
 from functools import cached_property
 from typing import IO, TYPE_CHECKING, Any
@@ -461,6 +461,20 @@ def torch_optimizer_state(full: Mapping[str, Any]) -> dict[str, Any]:
     return {"state": {number[name]: dict(values) for name, values in full["state"].items()}, "param_groups": groups}
 
 
+def split_optimizers(full: Mapping[str, Any], counts: Sequence[int] | None) -> list[dict[str, Any]]:
+    """Several optimizers' whole state (their param groups one optimizer after another, ``counts`` groups
+    each) as one whole state per optimizer."""
+    if not counts or len(counts) == 1:
+        return [dict(full)]
+    parts, first = [], 0
+    for count in counts:
+        groups = full["param_groups"][first : first + count]
+        names = {name for group in groups for name in group["params"]}
+        parts.append({"state": {n: v for n, v in full["state"].items() if n in names}, "param_groups": groups})
+        first += count
+    return parts
+
+
 def named_optimizer_state(state: Mapping[str, Any], names: list[list[str]]) -> dict[str, Any]:
     """The inverse of ``torch_optimizer_state``: a ``torch.optim`` state dict keyed by the parameter names
     of each group (``names``), as ``ShardedOptimizer.load_full_state_dict`` takes it."""
@@ -488,17 +502,24 @@ def saved_entries(manifest: Mapping[str, Any]) -> dict[str, str | None]:
     return dict(manifest.get("entries") or TRAINER_ENTRIES)
 
 
+def optimizer_keys(entries: Mapping[str, Any]) -> list[str]:
+    """The keys of the optimizers' entries (a Fabric save of several optimizers of one model lists them)."""
+    keys = entries.get("optimizer")
+    return [] if keys is None else [keys] if isinstance(keys, str) else list(keys)
+
+
 def as_trainer_checkpoint(meta: dict[str, Any], manifest: Mapping[str, Any]) -> dict[str, Any]:
     """``meta`` with the module's and optimizer's entries under the Trainer's keys (a Fabric save renamed)."""
     entries = saved_entries(manifest)
     if entries == TRAINER_ENTRIES:
         return meta
     meta = dict(meta)
-    module_key, optimizer_key = entries["module"], entries.get("optimizer")
+    module_key = entries["module"]
     if module_key is not None:
         meta["state_dict"] = meta.pop(module_key, {})
-    if optimizer_key is not None and optimizer_key in meta:
-        meta["optimizer_states"] = [meta.pop(optimizer_key)]
+    keys = optimizer_keys(entries)
+    if keys and all(key in meta for key in keys):
+        meta["optimizer_states"] = [meta.pop(key) for key in keys]
     return meta
 
 
@@ -523,8 +544,10 @@ def engine_shards(engine: ZeroEngine | None, stage: int, optimizer: bool,
         manifest["entries"] = dict(entries)
     if engine is not None:
         local = engine.local_state_dict(optimizer=optimizer)
+        names = [type(sharded.optimizer).__qualname__ for sharded in engine.optimizers]
         manifest.update(
-            optimizer=type(engine.optimizer.optimizer).__qualname__,
+            optimizer=names[0] if len(names) == 1 else names,
+            optimizer_groups=[len(sharded.optimizer.param_groups) for sharded in engine.optimizers],
             shapes={r.fqn: list(r.shape) for r in engine.layout.params},
             aliases={r.fqn: list(r.aliases) for r in engine.layout.params if r.aliases},
         )
@@ -592,13 +615,17 @@ def restore_module(module: torch.nn.Module, engine: ZeroEngine | None, state: Ma
                               f"{unexpected[:5]}")
 
 
-def restore_optimizer(engine: ZeroEngine, state: Mapping[str, Any], shards: ShardedCheckpoint | None) -> None:
-    """Load an optimizer's saved ``state`` into ``engine``'s slices: from the ``shards``, or from a whole state
-    in torch's numbered form (``ddp``) or keyed by parameter name (a "full" ZeRO save)."""
+def restore_optimizer(engine: ZeroEngine, state: Mapping[str, Any], shards: ShardedCheckpoint | None,
+                      which: int = 0) -> None:
+    """Load optimizer ``which``'s saved ``state`` into ``engine``'s slices: from the ``shards``, or from a whole
+    state in torch's numbered form (``ddp``) or keyed by parameter name (a "full" ZeRO save)."""
     origin = shards.path if shards is not None else "the checkpoint"
-    current = type(engine.optimizer.optimizer).__qualname__
+    sharded = engine.optimizers[which]
+    current = type(sharded.optimizer).__qualname__
     if shards is not None:
         saved = shards.manifest.get("optimizer")
+        if isinstance(saved, list):  # several optimizers
+            saved = saved[which] if which < len(saved) else f"{len(saved)} optimizers'"
         if saved != current:
             raise CheckpointError(f"{origin} holds {saved} state; this run's optimizer is {current}. "
                                   "Resume with the same optimizer, or load the weights only.")
@@ -608,10 +635,10 @@ def restore_optimizer(engine: ZeroEngine, state: Mapping[str, Any], shards: Shar
     else:
         groups = state.get("param_groups") or []
         if groups and groups[0]["params"] and isinstance(groups[0]["params"][0], int):
-            state = named_optimizer_state(state, engine.optimizer.param_fqns)  # saved by ``ddp``
-        source = FullSource({"optimizer": state}, shapes=engine.optimizer.shapes)
+            state = named_optimizer_state(state, sharded.param_fqns)  # saved by ``ddp``
+        source = FullSource({"optimizer": state}, shapes=sharded.shapes)
     try:
-        engine.optimizer.load_state(source)
+        sharded.load_state(source)
     except ValueError as exc:
         raise CheckpointError(f"{origin} holds another optimizer setup than {current}'s: {exc}") from exc
 
@@ -632,12 +659,17 @@ def consolidate_checkpoint(path: str | os.PathLike[str], optimizer: bool = False
     entries = saved_entries(checkpoint.manifest)
     full = to_full_state_dict(checkpoint.source(optimizer), checkpoint.manifest.get("aliases"), optimizer)
     fill_from_shards(meta, full["params"], entries["module"] or "state_dict")
-    optimizer_key = entries.get("optimizer")
-    if optimizer and optimizer_key is not None:
-        state = torch_optimizer_state(full["optimizer"])
-        meta[optimizer_key] = [state] if optimizer_key == TRAINER_ENTRIES["optimizer"] else state
-    elif optimizer_key is not None:
-        meta.pop(optimizer_key, None)
+    keys = optimizer_keys(entries)
+    if optimizer and keys:
+        states = [torch_optimizer_state(part) for part in split_optimizers(full["optimizer"],
+                                                                           checkpoint.manifest.get("optimizer_groups"))]
+        if keys == [TRAINER_ENTRIES["optimizer"]]:
+            meta[keys[0]] = states
+        else:  # Fabric: one entry per optimizer, under the user's keys
+            meta.update(zip(keys, states))
+    else:
+        for key in keys:
+            meta.pop(key, None)
         if entries == TRAINER_ENTRIES:
             meta.pop("lr_schedulers", None)
     return meta

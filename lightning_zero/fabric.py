@@ -1,14 +1,6 @@
 """ZeRO under Lightning Fabric: ``Fabric(strategy="zero2")`` runs the same engine, options and checkpoint
 format as ``Trainer(strategy="zero2")``, for users who write their own loop (litgpt is built on Fabric).
-
-[Note: Fabric's optimizer calls]
-Fabric wraps the optimizer in a ``_FabricOptimizer`` whose class derives from the optimizer's own class, so
-``optimizer.zero_grad()``, ``optimizer.state_dict()`` and ``optimizer.load_state_dict()`` in the user's loop
-resolve on that class, not on the instance. After ZeRO re-points the optimizer at this rank's slices those
-three would act on slices only: ``zero_grad`` would leave the engine's gradient buckets full, and the state
-dicts would hold one rank's share. So at setup the optimizer's class is swapped for a subclass (same name)
-whose three methods go through the engine: ``zero_grad`` clears the engine's window, ``state_dict`` returns
-the whole state keyed by parameter name (a collective), ``load_state_dict`` takes that or a ``ddp`` one.
+See [Note: routed optimizer calls] in ``routing.py`` for the optimizer's own methods.
 """
 
 from __future__ import annotations
@@ -49,7 +41,8 @@ from lightning_zero.checkpoint import (
 )
 from lightning_zero.config import ReducePolicyName
 from lightning_zero.options import OPTIONS_DOC, BufferSync, SharedStrategyMethods, StrategyOptions, zero_precision_from
-from lightning_zero.precision import ZeroPrecisionCore, cast_floats
+from lightning_zero.precision import ZeroPrecisionCore, cast_floats, check_several_optimizers
+from lightning_zero.routing import route_through_engine
 from lightning_zero.sharding.collectives import broadcast_coalesced
 from lightning_zero.sharding.engine import ZeroEngine
 from lightning_zero.sharding.init import pending_chunks, sharded_init
@@ -115,7 +108,8 @@ class ZeroFabricPrecision(ZeroPrecisionCore, Precision):
             raise TypeError(f"optimizer.step() under ZeRO takes only a closure, got {sorted(kwargs)}")
         engine = self.engine_for(optimizer)
         done = self._steps.get(id(engine), 0)
-        result = self._step_engine(engine, closure or (lambda: None), lambda: None, f"optimizer step {done}")
+        result = self._step_engine(engine, closure or (lambda: None), lambda: None, f"optimizer step {done}",
+                                   optimizer)
         self._steps[id(engine)] = done + 1
         return result
 
@@ -284,13 +278,10 @@ class ZeroFabricStrategy(SharedStrategyMethods, DDPStrategy, _Sharded):
     def setup_module_and_optimizers(
         self, module: Module, optimizers: list[Optimizer], scheduler: Any | None = None
     ) -> tuple[Module, list[Optimizer], Any | None]:
-        if len(optimizers) > 1:
-            raise ValueError(
-                f"ZeRO shards one optimizer per model, and fabric.setup() got {len(optimizers)} for this model: put "
-                "every parameter group in one optimizer, or split the model into modules set up separately, each "
-                "with its own optimizer"
-            )
         module = self.setup_module(module)
+        if len(optimizers) > 1:  # one engine for them all (see [Note: several optimizers])
+            self._shard(self._wrappers[-1], optimizers)
+            return module, optimizers, scheduler
         return module, [self.setup_optimizer(optimizer) for optimizer in optimizers], scheduler
 
     @override
@@ -323,14 +314,19 @@ class ZeroFabricStrategy(SharedStrategyMethods, DDPStrategy, _Sharded):
         wrapper = owners[0]
         if wrapper.engine is not None:
             raise ValueError(
-                "this model already has an optimizer, and ZeRO shards one optimizer per model: put every parameter "
-                "group in one optimizer"
+                "this model already has an optimizer: ZeRO shards a model's optimizers together, so pass them all "
+                "at once, fabric.setup(model, optimizer_a, optimizer_b)"
             )
-        wrapper.engine = ZeroEngine(wrapper.module, optimizer, self.config, dtypes=self.precision.policy.slots())
-        self.precision.bind(optimizer, wrapper.engine)
-        _route_through_engine(optimizer, wrapper.engine)
-        self.engines.append(wrapper.engine)
+        self._shard(wrapper, [optimizer])
         return optimizer
+
+    def _shard(self, wrapper: ZeroModule, optimizers: list[Optimizer]) -> None:
+        check_several_optimizers(len(optimizers), self.precision)
+        wrapper.engine = ZeroEngine(wrapper.module, optimizers, self.config, dtypes=self.precision.policy.slots())
+        for optimizer in optimizers:
+            self.precision.bind(optimizer, wrapper.engine)
+            route_through_engine(optimizer, wrapper.engine)
+        self.engines.append(wrapper.engine)
 
     def engine_of(self, module: Module) -> ZeroEngine | None:
         """The engine sharding ``module`` (None before its optimizer is set up)."""
@@ -359,19 +355,21 @@ class ZeroFabricStrategy(SharedStrategyMethods, DDPStrategy, _Sharded):
                             norm_type: float | int = 2.0, error_if_nonfinite: bool = True) -> Tensor:
         """Clip the global norm over every rank's gradient shards; return the norm before clipping."""
         engine = self.precision.engine_for(optimizer)
+        which = engine.index_of(optimizer)
         if error_if_nonfinite:  # as torch's clip_grad_norm_: check before clipping (one host read)
-            total = engine.grad_norm(float(norm_type))
+            total = engine.grad_norm(float(norm_type), which)
             if not torch.isfinite(total):
                 raise RuntimeError(
                     f"The total norm of order {float(norm_type)} for gradients from `parameters` is non-finite, so "
                     "it cannot be clipped. To disable this error and scale the gradients by the non-finite norm "
                     "anyway, set `error_if_nonfinite=False`"
                 )
-        return engine.clip_grad_norm_(float(max_norm), float(norm_type))
+        return engine.clip_grad_norm_(float(max_norm), float(norm_type), which)
 
     @override
     def clip_gradients_value(self, module: Module, optimizer: Optimizer, clip_val: float | int) -> None:
-        self.precision.engine_for(optimizer).clip_grad_value_(float(clip_val))
+        engine = self.precision.engine_for(optimizer)
+        engine.clip_grad_value_(float(clip_val), engine.index_of(optimizer))
 
     def gathered_parameters(
         self, params: Iterable[torch.nn.Parameter] | None = None, modifier_rank: int | None = None
@@ -416,7 +414,7 @@ class ZeroFabricStrategy(SharedStrategyMethods, DDPStrategy, _Sharded):
         if id(getattr(optimizer, "_optimizer", optimizer)) not in self.precision._engines:
             return super().get_optimizer_state(optimizer)
         engine = self.precision.engine_for(optimizer)
-        return engine.optimizer.full_state_dict(engine.group)
+        return engine.optimizers[engine.index_of(optimizer)].full_state_dict(engine.group)
 
     @override
     def load_module_state_dict(self, module: Module, state_dict: dict[str, Any], strict: bool = True) -> None:
@@ -454,20 +452,22 @@ class ZeroFabricStrategy(SharedStrategyMethods, DDPStrategy, _Sharded):
             )
         engine = next(iter(engines.values()))
         module_key = next((key for key, e in sharded if e is engine), None)
-        optimizer_key = next((key for key, e in optimizers.items() if e is engine), None)
-        if filter and (module_key in filter or optimizer_key in filter):
+        keys = [key for key, e in optimizers.items() if e is engine]
+        optimizer_key: str | list[str] | None = keys[0] if len(keys) == 1 else keys or None
+        if filter and (module_key in filter or any(key in filter for key in keys)):
             raise ValueError(
                 f"fabric.save(filter=...) on the sharded model or optimizer ({module_key!r}, {optimizer_key!r}) needs "
                 "whole tensors: use ZeroFabricStrategy(state_dict_type='full'), or drop the filter for those keys"
             )
         names = layout_names([engine])
-        rest = {key: obj for key, obj in state.items() if key not in (module_key, optimizer_key)}
+        rest = {key: obj for key, obj in state.items() if key != module_key and key not in keys}
         meta = self._convert_stateful_objects_in_state(rest, filter=filter or {})
         if module_key is not None:
             meta[module_key] = {k: v for k, v in engine.module.state_dict().items() if k not in names}
-        if optimizer_key is not None:
-            meta[optimizer_key] = {"lightning_zero": "sharded", "param_groups": engine.optimizer.param_groups()}
-        local, manifest = engine_shards(engine, self.config.stage, optimizer_key is not None,
+        for key in keys:
+            sharded_optimizer = engine.optimizers[engine.index_of(state[key])]
+            meta[key] = {"lightning_zero": "sharded", "param_groups": sharded_optimizer.param_groups()}
+        local, manifest = engine_shards(engine, self.config.stage, bool(keys),
                                         entries={"module": module_key, "optimizer": optimizer_key})
         save_sharded(path, local, meta if self.is_global_zero else None, self._checkpoint_group,
                      self._timeout or default_pg_timeout, manifest)
@@ -499,6 +499,9 @@ class ZeroFabricStrategy(SharedStrategyMethods, DDPStrategy, _Sharded):
         if isinstance(state, (Module, Optimizer)):  # fabric.load_raw: the checkpoint is that object's state
             kind = "module" if isinstance(state, Module) else "optimizer"
             key = entries.get(kind)
+            if isinstance(key, list):
+                raise CheckpointError(f"{os.fspath(path)} holds {len(key)} optimizers ({key}): load them together, "
+                                      "fabric.load(path, {name: optimizer, ...}) with those names")
             if key is not None and key not in checkpoint:
                 raise CheckpointError(f"{os.fspath(path)} holds no {kind} state (no {key!r} entry)")
             entry = checkpoint[key] if key is not None else checkpoint
@@ -545,7 +548,8 @@ class ZeroFabricStrategy(SharedStrategyMethods, DDPStrategy, _Sharded):
                                       "with its model (fabric.setup(model, optimizer))")
             obj.load_state_dict(entry)
             return
-        restore_optimizer(self.precision.engine_for(obj), entry, shards)
+        engine = self.precision.engine_for(obj)
+        restore_optimizer(engine, entry, shards, engine.index_of(obj))
 
     # ------------------------------------------------------------------ teardown and names
     @override
@@ -592,44 +596,3 @@ def _first(entry: Any) -> Any:
     """The Trainer keeps optimizer states in a list, one per optimizer; Fabric keeps one."""
     return entry[0] if isinstance(entry, list) and len(entry) == 1 else entry
 
-
-_ROUTED: dict[type, type] = {}
-
-
-def _route_through_engine(optimizer: Optimizer, engine: ZeroEngine) -> None:
-    """Send ``zero_grad``, ``state_dict`` and ``load_state_dict`` through ``engine``; see [Note: Fabric's
-    optimizer calls]."""
-    cls = type(optimizer)
-    if getattr(cls, "_lightning_zero_routed", False):
-        cls = cls.__mro__[1]
-    routed = _ROUTED.get(cls)
-    if routed is None:
-        routed = type(cls.__name__, (cls,), {
-            "__module__": cls.__module__, "__qualname__": cls.__qualname__, "_lightning_zero_routed": True,
-            "zero_grad": _zero_grad, "state_dict": _state_dict, "load_state_dict": _load_state_dict,
-        })
-        _ROUTED[cls] = routed
-    optimizer.__class__ = routed
-    optimizer._lightning_zero_engine = engine  # type: ignore[attr-defined]
-
-
-def _engine(optimizer: Any) -> tuple[Optimizer, ZeroEngine]:
-    inner = getattr(optimizer, "_optimizer", optimizer)  # a _FabricOptimizer
-    return inner, inner._lightning_zero_engine
-
-
-def _zero_grad(self: Any, set_to_none: bool = True) -> None:
-    inner, engine = _engine(self)
-    if engine.window_open:
-        engine.zero_grad()
-    type(inner).__mro__[1].zero_grad(inner, set_to_none)
-
-
-def _state_dict(self: Any) -> dict[str, Any]:
-    _, engine = _engine(self)
-    return engine.optimizer.full_state_dict(engine.group)
-
-
-def _load_state_dict(self: Any, state_dict: dict[str, Any]) -> None:
-    _, engine = _engine(self)
-    restore_optimizer(engine, state_dict, None)

@@ -80,6 +80,9 @@ class ZeroPrecisionCore:
         #: ranks) or "skip" the step on every rank. The strategy's ``nonfinite=`` sets it.
         self.nonfinite: Literal["raise", "skip"] = "raise"
         self._engines: dict[int, ZeroEngine] = {}
+        #: Which of its engine's optimizers is stepping (inside ``optimizer_step``; None otherwise), so the
+        #: hooks before the step read that optimizer's gradients.
+        self.stepping: int | None = None
 
     # ------------------------------------------------------------------ binding
     def bind(self, optimizer: Optimizer, engine: ZeroEngine) -> None:
@@ -146,9 +149,11 @@ class ZeroPrecisionCore:
         return self.scaler.scale if self.scaler is not None else 1.0
 
     def _step_engine(self, engine: ZeroEngine, closure: Callable[[], Any], before_step: Callable[[], None],
-                     step_name: str) -> Any:
-        """Run ``closure``, then one sharded step: a non-finite loss or gradient on any rank skips it on
-        every rank (fp16: shrink the loss scale; otherwise raise or skip by ``nonfinite``)."""
+                     step_name: str, optimizer: Any = None) -> Any:
+        """Run ``closure``, then one sharded step of ``optimizer`` (one of the engine's; None: all): a
+        non-finite loss or gradient on any rank skips it on every rank (fp16: shrink the loss scale;
+        otherwise raise or skip by ``nonfinite``)."""
+        which = None if optimizer is None else engine.index_of(optimizer)
         with torch.enable_grad():  # as torch's optimizers run a closure
             closure_result = closure()
         mark("optimizer step")
@@ -159,7 +164,7 @@ class ZeroPrecisionCore:
             self.skipped_steps += 1
             # Named before the gradients are dropped (a collective; every rank is here).
             names = engine.nonfinite_params() if self.scaler is None and bad_grad and not bad_loss else []
-            engine.skip_step()  # weights and optimizer state untouched
+            engine.skip_step(which)  # weights and optimizer state untouched
             if self.scaler is None:
                 message = _nonfinite_message(step_name, bad_loss, bad_grad, names)
                 if self.nonfinite == "raise":
@@ -169,8 +174,12 @@ class ZeroPrecisionCore:
                     )
                 rank_zero_warn(f"{message}: step skipped on every rank (nonfinite='skip')")
             return closure_result
-        before_step()
-        engine.step()
+        self.stepping = which
+        try:
+            before_step()
+            engine.step(optimizer=which)
+        finally:
+            self.stepping = None
         return closure_result
 
     # ------------------------------------------------------------------ checkpoint state
@@ -223,15 +232,17 @@ class ZeroPrecision(ZeroPrecisionCore, Precision):
         trainer = getattr(model, "_trainer", None)
         step_name = f"optimizer step {trainer.global_step}" if trainer is not None else "this optimizer step"
         return self._step_engine(self.engine_for(optimizer), closure,
-                                 lambda: self._after_closure(model, optimizer), step_name)
+                                 lambda: self._after_closure(model, optimizer), step_name, optimizer)
 
     @override
     def clip_grad_by_norm(self, optimizer: Optimizer, clip_val: int | float) -> None:
-        self.engine_for(optimizer).clip_grad_norm_(float(clip_val))
+        engine = self.engine_for(optimizer)
+        engine.clip_grad_norm_(float(clip_val), optimizer=engine.index_of(optimizer))
 
     @override
     def clip_grad_by_value(self, optimizer: Optimizer, clip_val: int | float) -> None:
-        self.engine_for(optimizer).clip_grad_value_(float(clip_val))
+        engine = self.engine_for(optimizer)
+        engine.clip_grad_value_(float(clip_val), optimizer=engine.index_of(optimizer))
 
 
 DTypeName = Literal["float32", "bfloat16", "float16"]
@@ -260,3 +271,13 @@ def cast_floats(data: Any, dtype: torch.dtype) -> Any:
     """``data`` with every floating-point tensor in ``dtype``, through any collection (namedtuples and
     dataclasses included)."""
     return apply_to_collection(data, Tensor, lambda t: t.to(dtype) if t.is_floating_point() else t)
+
+
+def check_several_optimizers(count: int, precision: ZeroPrecisionCore) -> None:
+    """Refuse fp16 loss scaling with several optimizers of one model: one optimizer's overflow changes the
+    scale under gradients the others have summed but not stepped yet."""
+    if count > 1 and precision.scaler is not None:
+        raise ValueError(
+            f"16-mixed (fp16 with dynamic loss scaling) works with one optimizer per model, and this model has "
+            f"{count}: use bf16-mixed, or one optimizer with several param groups"
+        )

@@ -16,15 +16,18 @@ import torch
 import torch.distributed as dist
 from lightning.fabric.plugins import CheckpointIO, ClusterEnvironment
 from lightning.fabric.plugins.collectives.torch_collective import default_pg_timeout
+from lightning.pytorch.callbacks import BaseFinetuning
 from lightning.pytorch.plugins.precision import Precision
 from lightning.pytorch.strategies import DDPStrategy
 from lightning.pytorch.strategies.launchers import _SubprocessScriptLauncher
 from lightning.pytorch.trainer.states import TrainerFn, TrainerStatus
+from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from torch.distributed import ProcessGroup
 from torch.optim import Optimizer
 from typing_extensions import override
 
 from lightning_zero.checkpoint import (
+    CheckpointError,
     as_trainer_checkpoint,
     engine_shards,
     fill_from_shards,
@@ -44,7 +47,8 @@ from lightning_zero.options import (
     end_child_ranks,
     zero_precision_from,
 )
-from lightning_zero.precision import ZeroPrecision
+from lightning_zero.precision import ZeroPrecision, check_several_optimizers
+from lightning_zero.routing import route_through_engine
 from lightning_zero.sharding.collectives import CollectiveError, wait_all
 from lightning_zero.sharding.engine import ZeroEngine
 from lightning_zero.sharding.init import sharded_init
@@ -87,6 +91,33 @@ def _refuse_callbacks_zero_cannot_follow(callbacks: list[pl.Callback], stage: in
                     f"{type(callback).__name__} reads and rewrites the model's parameters between steps, where ZeRO "
                     f"stage 3 keeps only each rank's slice (the parameters are empty tensors there): use {fix}"
                 )
+
+
+
+def _toggle_through(module: pl.LightningModule, engine: ZeroEngine) -> None:
+    """Lightning's ``toggle_optimizer`` flips ``requires_grad`` of the tensors in the optimizer's param groups,
+    which ZeRO re-pointed at this rank's slices: route it (and ``untoggle_optimizer``) to the engine, which
+    flips the module's own parameters. A module that overrides them keeps its own."""
+    if type(module).toggle_optimizer is pl.LightningModule.toggle_optimizer:
+        module.toggle_optimizer = lambda optimizer: engine.toggle(engine.index_of(optimizer))  # type: ignore[method-assign]
+    if type(module).untoggle_optimizer is pl.LightningModule.untoggle_optimizer:
+        module.untoggle_optimizer = lambda optimizer: engine.untoggle()  # type: ignore[method-assign]
+
+
+def _finetuning_through(callbacks: list[Any]) -> None:
+    """Lightning's ``BaseFinetuning`` records each param group's parameters by looking them up among the
+    module's, and ZeRO's param groups hold this rank's slices: hand it the groups with the module's own
+    parameters instead (the names it records are then those of the whole groups, equal on every rank)."""
+    for callback in callbacks:
+        if isinstance(callback, BaseFinetuning) and "_store" not in callback.__dict__:
+            store = callback._store
+
+            def translated(pl_module: Any, opt_idx: int, num_param_groups: int, groups: list[dict[str, Any]],
+                           store: Callable[..., None] = store) -> None:
+                engine = pl_module.trainer.strategy.engines[0]
+                store(pl_module, opt_idx, num_param_groups, engine.module_param_groups(groups))
+
+            callback._store = translated  # type: ignore[method-assign]
 
 
 class ZeroStrategy(SharedStrategyMethods, DDPStrategy):
@@ -221,11 +252,6 @@ class ZeroStrategy(SharedStrategyMethods, DDPStrategy):
         self.setup_precision_plugin()
 
     def _shard_optimizers(self) -> None:
-        if len(self.optimizers) != 1:
-            raise ValueError(
-                f"ZeroStrategy shards exactly one optimizer, configure_optimizers() returned "
-                f"{len(self.optimizers)}. Put every parameter group in one optimizer."
-            )
         assert self.lightning_module is not None
         from torch._dynamo.eval_frame import OptimizedModule
 
@@ -238,13 +264,23 @@ class ZeroStrategy(SharedStrategyMethods, DDPStrategy):
                 "torch.compile (tested), or stage 3 without it."
             )
         precision = self.precision_plugin
+        check_several_optimizers(len(self.optimizers), precision)
+        # One engine for every optimizer: they share the module's buckets (see [Note: several optimizers]).
+        engine = ZeroEngine(self.lightning_module, self.optimizers, self.config, dtypes=precision.policy.slots())
         for optimizer in self.optimizers:
-            engine = ZeroEngine(self.lightning_module, optimizer, self.config, dtypes=precision.policy.slots())
             precision.bind(optimizer, engine)
-            self.engines.append(engine)
+            if len(self.optimizers) > 1:  # each optimizer's zero_grad() clears its own gradients in the engine
+                route_through_engine(optimizer, engine, ("zero_grad",))
+        if len(self.optimizers) > 1:
+            self.optimizers = self.optimizers  # Lightning's wrappers take the routed classes
+            _toggle_through(self.lightning_module, engine)
+        _finetuning_through(self.lightning_module.trainer.callbacks)
+        self.engines.append(engine)
 
     def _release_engines(self) -> None:
         for engine in self.engines:
+            for name in ("toggle_optimizer", "untoggle_optimizer"):
+                engine.module.__dict__.pop(name, None)
             engine.close()
         self.engines.clear()
         if isinstance(self._precision_plugin, ZeroPrecision):
@@ -302,7 +338,17 @@ class ZeroStrategy(SharedStrategyMethods, DDPStrategy):
         trainer = self.lightning_module.trainer if self.lightning_module is not None else None
         batch = args[1] if len(args) > 1 and isinstance(args[1], int) else kwargs.get("batch_idx")
         mark("forward", step=trainer.global_step if trainer is not None else None, batch=batch)
+        self._replan_if_needed()
         return self._through_buffers(super().training_step, True, *args, **kwargs)
+
+    def _replan_if_needed(self) -> None:
+        """Between steps: plan the buckets anew when the param groups or the trainable set changed (see
+        [Note: re-planning]); inside a window the step's own checks name the change instead."""
+        for engine in self.engines:
+            reason = engine.needs_replan()
+            if reason is not None and not engine.window_open:
+                rank_zero_info(f"lightning-zero: planning the buckets anew: {reason}")
+                engine.replan()
 
     @override
     def validation_step(self, *args: Any, **kwargs: Any) -> Any:
@@ -334,11 +380,14 @@ class ZeroStrategy(SharedStrategyMethods, DDPStrategy):
         benchmarks read. Logical as the ZeRO paper counts: gloo sends a reduce-scatter as an all-reduce."""
         return dict(self.engines[0].last_step_traffic) if self.engines else {}
 
-    def grad_norm(self, norm_type: float = 2.0) -> torch.Tensor:
-        """Global norm of the (reduced, averaged) gradient; a collective, for ``on_before_optimizer_step``."""
+    def grad_norm(self, norm_type: float = 2.0, optimizer: Any = None) -> torch.Tensor:
+        """Global norm of the (reduced, averaged) gradient; a collective, for ``on_before_optimizer_step``.
+        With several optimizers: that of ``optimizer``'s parameters, by default the one stepping."""
         if not self.engines:
             raise RuntimeError("grad_norm() is available while fitting, once the optimizer is set up")
-        return self.engines[0].grad_norm(norm_type)
+        engine = self.engines[0]
+        which = engine.index_of(optimizer) if optimizer is not None else self.precision_plugin.stepping
+        return engine.grad_norm(norm_type, which)
 
     # ------------------------------------------------------------------ checkpoints
     # [Note: sharded checkpoint layout and commit] in ``lightning_zero/checkpoint.py`` has the format.
@@ -370,9 +419,10 @@ class ZeroStrategy(SharedStrategyMethods, DDPStrategy):
         """"full": the whole optimizer state keyed by parameter name, on rank 0 (a collective). "sharded": a marker;
         each rank's slices are written by ``save_checkpoint``."""
         engine = self.precision_plugin.engine_for(optimizer)
+        sharded = engine.optimizers[engine.index_of(optimizer)]
         if self._sharded_save:
-            return {"lightning_zero": "sharded", "param_groups": engine.optimizer.param_groups()}
-        return engine.optimizer.full_state_dict(engine.group, rank=0)  # only rank 0 writes the file
+            return {"lightning_zero": "sharded", "param_groups": sharded.param_groups()}
+        return sharded.full_state_dict(engine.group, rank=0)  # only rank 0 writes the file
 
     @override
     def save_checkpoint(
@@ -445,8 +495,22 @@ class ZeroStrategy(SharedStrategyMethods, DDPStrategy):
 
     @override
     def load_optimizer_state_dict(self, checkpoint: Mapping[str, Any]) -> None:
-        for optimizer, state in zip(self.optimizers, checkpoint["optimizer_states"]):
-            restore_optimizer(self.precision_plugin.engine_for(optimizer), state, checkpoint.get(_SHARDS))
+        # Lightning restores callbacks after this strategy's setup (restore_checkpoint_after_setup), so
+        # BaseFinetuning's on_fit_start found nothing to restore: it brings its param groups back now, and the
+        # buckets are planned for them before their state loads.
+        trainer = self.lightning_module.trainer
+        for callback in trainer.callbacks:
+            if isinstance(callback, BaseFinetuning) and callback._restarting:
+                callback.on_fit_start(trainer, self.lightning_module)
+        self._replan_if_needed()
+        states = checkpoint["optimizer_states"]
+        if states and len(states) != len(self.optimizers):  # none: saved before fit, as ddp allows
+            raise CheckpointError(f"the checkpoint holds the state of {len(states)} optimizer(s), and "
+                                  f"configure_optimizers() returned {len(self.optimizers)}: resume with the same "
+                                  "optimizers, or load the weights only")
+        for optimizer, state in zip(self.optimizers, states):
+            engine = self.precision_plugin.engine_for(optimizer)
+            restore_optimizer(engine, state, checkpoint.get(_SHARDS), engine.index_of(optimizer))
 
     # ------------------------------------------------------------------ evaluation loops
     # Stage 3 gathers per unit in evaluation too, each unit's forward agreed with the other ranks, so ranks

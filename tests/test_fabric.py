@@ -205,11 +205,12 @@ def bad_setups(stage: int) -> list[str]:
     """What Fabric allows and ZeRO refuses, each failing at setup with the fix."""
     fabric = _fabric(ZeroFabricStrategy(stage=stage))
     messages = []
-    model = build_model(0)
-    first = torch.optim.SGD(list(model.embed.parameters()), lr=0.1)
-    rest = [p for n, p in model.named_parameters() if not n.startswith(("embed", "frozen"))]
-    try:
-        fabric.setup(model, first, torch.optim.SGD(rest, lr=0.1))
+    model = fabric.setup_module(build_model(0))
+    embed = list(model.embed.parameters())
+    rest = [p for n, p in model.module.named_parameters() if not n.startswith(("embed", "frozen"))]
+    fabric.setup_optimizers(torch.optim.SGD(rest + embed, lr=0.1))
+    try:  # a model's optimizers are sharded together: fabric.setup(model, first, second)
+        fabric.setup_optimizers(torch.optim.SGD(embed, lr=0.1))
     except ValueError as exc:
         messages.append(str(exc))
     one, two = build_model(0), build_model(1)
@@ -225,7 +226,8 @@ def bad_setups(stage: int) -> list[str]:
 def test_bad_setups_fail_at_setup_naming_the_fix(pools) -> None:
     for messages in pools(2).run(bad_setups, 2):
         assert len(messages) == 2, messages
-        assert "one optimizer per model" in messages[0] and "put every parameter group in one optimizer" in messages[0]
+        assert "already has an optimizer" in messages[0]
+        assert "fabric.setup(model, optimizer_a, optimizer_b)" in messages[0]
         assert "2 models set up separately" in messages[1] and "ModuleDict" in messages[1]
 
 

@@ -12,7 +12,6 @@ from lightning.pytorch.strategies.launchers import _MultiProcessingLauncher, _Su
 
 import lightning_zero  # noqa: F401 - registers the names
 from lightning_zero import ZeroPrecision, ZeroStrategy
-from tests.dist_pool import RankError
 from tests.lit_helpers import LitLoops, LitTiny, loader, trainer
 
 NAMES = {
@@ -115,38 +114,30 @@ def test_lifecycle_validate_test_predict_and_fit_again(pools, stage: int) -> Non
 
 
 class AddGroupMidFit(pl.Callback):
+    """A user's own unfreezing, without BaseFinetuning: a frozen layer joins the optimizer at step 2."""
+
     def on_train_batch_start(self, trainer: pl.Trainer, module: pl.LightningModule, *_: Any) -> None:
         if trainer.global_step == 2:
-            trainer.optimizers[0].add_param_group({"params": [module.net.frozen.weight], "lr": 0.01})
+            module.net.frozen.requires_grad_(True)
+            trainer.optimizers[0].add_param_group({"params": list(module.net.frozen.parameters()), "lr": 0.01})
 
 
-def add_param_group_mid_fit() -> None:
-    trainer(ZeroStrategy(stage=2), callbacks=[AddGroupMidFit()]).fit(LitTiny(), loader(6, 1))
+def add_param_group_mid_fit(stage: int) -> list[float]:
+    module = LitTiny()
+    before = module.net.frozen.weight.detach().clone()
+    fit = trainer(ZeroStrategy(stage=stage), callbacks=[AddGroupMidFit()])
+    fit.fit(module, loader(6, 1))
+    after = module.net.frozen.weight.detach()
+    gathered = [torch.zeros_like(after) for _ in range(torch.distributed.get_world_size())]
+    torch.distributed.all_gather(gathered, after.contiguous())
+    return [float((after - before).norm()), float(max((g - gathered[0]).abs().max() for g in gathered)),
+            float(len(fit.optimizers[0].param_groups))]
 
 
-def test_add_param_group_mid_fit_is_refused_on_every_rank(pools) -> None:
-    with pytest.raises(RankError) as info:
-        pools(2).run(add_param_group_mid_fit)
-    assert sorted(info.value.tracebacks) == [0, 1]
-    assert all("add_param_group" in text and "BaseFinetuning" in text for text in info.value.tracebacks.values())
-
-
-def more_than_one_optimizer() -> None:
-    class TwoOptimizers(LitTiny):
-        def __init__(self) -> None:
-            super().__init__()
-            self.automatic_optimization = False  # Lightning allows two optimizers only here
-
-        def configure_optimizers(self) -> Any:
-            return [torch.optim.SGD(self.net.head.parameters(), lr=0.1),
-                    torch.optim.SGD(self.net.embed.parameters(), lr=0.1)]
-
-    trainer(ZeroStrategy(stage=1)).fit(TwoOptimizers(), loader(2, 1))
-
-
-def test_more_than_one_optimizer_is_refused(pools) -> None:
-    with pytest.raises(RankError, match="exactly one optimizer"):
-        pools(2).run(more_than_one_optimizer)
+@pytest.mark.parametrize("stage", [1, 3])
+def test_add_param_group_mid_fit_replans_and_trains_the_new_group(pools, stage: int) -> None:
+    moved, spread, groups = pools(2).run(add_param_group_mid_fit, stage)[0]
+    assert moved > 1e-3 and spread == 0.0 and groups == 3, (moved, spread, groups)
 
 
 def test_spawn_returns_trained_weights_to_the_parent() -> None:

@@ -98,6 +98,9 @@ def whole_parity(name: str, stage: int, accumulate: int, comm: str = "auto", off
     shapes = [tuple(entry.master.shape) for b in engine.trainable_buckets for entry in b.entries]
     owned = sum(entry.master.numel() for b in engine.trainable_buckets for entry in b.entries)
     _loop(model, opt, STEPS, accumulate, None, 0, engine=engine)
+    # one reduction of the buckets (no padding) per step: ddp's gradient bytes, never more
+    trainable = sum(b.plan.numel for b in engine.trainable_buckets) * 4
+    reduced = engine.last_step_traffic.get("reduce_scatter", 0)
     engine.materialize_module()
     errors = relative_errors(model, reference)
     moved = max(relative_errors(make_model(), reference).values())
@@ -105,7 +108,7 @@ def whole_parity(name: str, stage: int, accumulate: int, comm: str = "auto", off
     counts = [torch.zeros(1) for _ in range(dist.get_world_size())]
     dist.all_gather(counts, torch.tensor([float(owned)]))
     return {"worst": max(errors.values()), "moved": moved, "whole": whole, "shapes": shapes,
-            "owned": [int(c.item()) for c in counts]}
+            "owned": [int(c.item()) for c in counts], "reduced": reduced / trainable}
 
 
 @pytest.mark.parametrize("world_size", [2, 3])
@@ -119,9 +122,13 @@ def test_whole_tensor_optimizers_match_ddp_under_every_stage(pools, world_size) 
     for case in cases:
         result = pool.run(whole_parity, *case)[0]
         print(f"ws={world_size} {case}: worst {result['worst']:.2e} (moved {result['moved']:.2e}), "
-              f"owned elements per rank {result['owned']}")
-        ok = result["whole"] and result["worst"] <= TOLERANCE and result["moved"] > 1e-3
+              f"owned elements per rank {result['owned']}, reductions {result['reduced']}")
+        ok = all(result["whole"]) and result["worst"] <= TOLERANCE and result["moved"] > 1e-3
         ok = ok and all(len(shape) >= 1 for shape in result["shapes"])
+        # the buckets' exact bytes (no padding) per reducing backward: once per step at stage 1, every
+        # micro-batch under stages 2-3's default policy
+        stage, accumulate = case[1], case[2]
+        ok = ok and result["reduced"] == (1.0 if stage == 1 else float(accumulate))
         if not ok:
             failures.append((case, result))
     assert not failures, failures

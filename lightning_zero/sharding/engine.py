@@ -1,7 +1,21 @@
-"""ZeroEngine: ZeRO stages 1, 2 and 3 for one module and its optimizer on plain ``torch.distributed``.
+"""ZeroEngine: ZeRO stages 1, 2 and 3 for one module and its optimizers on plain ``torch.distributed``.
 
 It owns the setup (plan the layout, check ranks agree, flatten parameters into bucket buffers, broadcast
 rank 0's values) and the order of one optimizer step: finish reductions, step the slices, all-gather.
+
+[Note: several optimizers]
+A GAN's generator and critic, or Muon for the matrices and AdamW for the rest, are several optimizers over
+disjoint parameters of one module. They share one engine: the layout numbers their param groups one
+optimizer after another, so every bucket belongs to one optimizer (each may take its own layout, see
+[Note: whole parameters]), and ``step(optimizer=k)`` steps and gathers optimizer k's buckets only. The
+window's reductions and its one flag exchange are shared: every backward reduces every bucket, as ``ddp``
+reduces every parameter. Stepping optimizer k divides, steps and clears k's shards; the other buckets keep
+their summed, undivided gradients into the next window, where later backwards add to them, so a critic
+that steps after the generator's backward and its own sees both, as under ``ddp`` (its ``zero_grad()``
+clears them: ``zero_grad(k)`` between backwards clears k's buckets and leaves the window open). Reading one
+optimizer's gradients (a norm, clipping) and then stepping another in the same window raises: the first
+would be divided twice. A parameter in two optimizers is refused, and so is fp16 loss scaling: the scale
+changes at one optimizer's overflow under gradients the others have summed but not stepped.
 
 [Note: optimizer offload]
 With ``ZeroConfig(offload="optimizer")`` every master slice is a tensor of its own in host memory (also under
@@ -22,7 +36,7 @@ import math
 import zlib
 from array import array
 from collections import Counter
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -58,12 +72,14 @@ class ZeroEngine:
     Use it as plain data parallel: backward as usual (inside ``no_sync()`` for micro-batches that should
     not reduce), then ``step()`` and ``zero_grad()``. Every rank must build the same model and optimizer.
     After construction the optimizer's param groups hold this rank's slices; step it only through here.
+    Several optimizers over disjoint parameters (a GAN's two, Muon with AdamW) share one engine: pass them
+    as a list and step each with ``step(optimizer=k)`` (see [Note: several optimizers]).
     """
 
     def __init__(
         self,
         module: torch.nn.Module,
-        optimizer: torch.optim.Optimizer,
+        optimizer: torch.optim.Optimizer | Sequence[torch.optim.Optimizer],
         config: ZeroConfig | None = None,
         process_group: ProcessGroup | None = None,
         dtypes: DtypeSlots | None = None,
@@ -71,6 +87,7 @@ class ZeroEngine:
         if not dist.is_available() or not dist.is_initialized():
             raise RuntimeError("ZeroEngine needs torch.distributed: call dist.init_process_group() first")
         self.config = config or ZeroConfig()
+        self._dtypes = dtypes
         self.module = module
         self.group = process_group
         self.rank = dist.get_rank(process_group)
@@ -83,15 +100,36 @@ class ZeroEngine:
         for fqn, param in module.named_parameters(remove_duplicate=False):
             if fqn_of[param] != fqn:
                 aliases.setdefault(fqn_of[param], []).append(fqn)
+        optimizers = [optimizer] if isinstance(optimizer, torch.optim.Optimizer) else list(optimizer)
+        if not optimizers:
+            raise ValueError("ZeroEngine needs an optimizer")
+        # Param groups are numbered across the optimizers: optimizer k's groups follow optimizer k-1's.
         group_of: dict[torch.Tensor, int] = {}
-        for index, group in enumerate(optimizer.param_groups):
-            for param in group["params"]:
-                if param not in fqn_of:
-                    raise ValueError(
-                        f"optimizer param group {index} holds a tensor of shape {tuple(param.shape)} that is "
-                        "not a parameter of the module; build the optimizer from module.parameters()"
-                    )
-                group_of[param] = index
+        optimizer_of: dict[torch.Tensor, int] = {}
+        self._groups_of: list[range] = []
+        for which, opt in enumerate(optimizers):
+            first = sum(len(groups) for groups in self._groups_of)
+            self._groups_of.append(range(first, first + len(opt.param_groups)))
+            for index, group in enumerate(opt.param_groups):
+                for param in group["params"]:
+                    if param not in fqn_of:
+                        raise ValueError(
+                            f"optimizer param group {index} holds a tensor of shape {tuple(param.shape)} that is "
+                            "not a parameter of the module; build the optimizer from module.parameters()"
+                        )
+                    if param in optimizer_of and optimizer_of[param] == which:
+                        raise ValueError(
+                            f"parameter {fqn_of[param]!r} is in param groups {group_of[param] - first} and {index} "
+                            f"of optimizer {which}: torch steps a parameter in one group only"
+                        )
+                    if param in optimizer_of:
+                        raise ValueError(
+                            f"parameter {fqn_of[param]!r} is in optimizer {optimizer_of[param]} and optimizer "
+                            f"{which}: ZeRO steps each parameter with one optimizer. Give each optimizer its "
+                            "own parameters (a GAN's generator and critic, Muon's matrices and AdamW's rest)."
+                        )
+                    group_of[param] = first + index
+                    optimizer_of[param] = which
         sparse = [name for name, m in module.named_modules()
                   if isinstance(m, (torch.nn.Embedding, torch.nn.EmbeddingBag)) and m.sparse]
         if sparse:
@@ -110,7 +148,8 @@ class ZeroEngine:
             raise ValueError("the optimizer holds no trainable parameter of the module: nothing to shard")
         self.offload = self.config.offload == "optimizer"
         if self.offload:
-            check_host_steppable(optimizer)  # before any parameter moves
+            for opt in optimizers:
+                check_host_steppable(opt)  # before any parameter moves
         self.device: torch.device = devices.pop()  # the parameters' device, where collectives run
         # Page-locked host buffers only where they buy asynchronous copies: on a CPU-only machine they would
         # just lock pages.
@@ -129,10 +168,11 @@ class ZeroEngine:
         if dtypes is not None and dtypes.storage.itemsize < dtypes.master.itemsize:  # *-mixed
             # Only those already in the master dtype: a 16-bit one keeps its fp32 master slice.
             own_dtype = {p for p in full_precision_params(module, shapes) if p.dtype == dtypes.master}
-        #: Whether the optimizer steps whole parameters (see [Note: whole parameters]).
-        self.whole_params = needs_whole_params(optimizer, self.config.allow_unknown_optimizer)
+        #: Per optimizer: whether it steps whole parameters (see [Note: whole parameters]).
+        self.whole_params = [needs_whole_params(opt, self.config.allow_unknown_optimizer) for opt in optimizers]
+        whole_groups = {g for groups, whole in zip(self._groups_of, self.whole_params) if whole for g in groups}
         self.layout: Layout = plan_layout(named, self.world_size, grouping, group_of, dtypes, aliases,
-                                          shapes=shapes, own_dtype=own_dtype, whole=self.whole_params)
+                                          shapes=shapes, own_dtype=own_dtype, whole=whole_groups)
         self._check_ranks_agree()
         self.params: list[torch.nn.Parameter] = [param for _, param in named]
         self.comm = Comm(process_group, self.device, self.config.comm,
@@ -156,15 +196,18 @@ class ZeroEngine:
             for bucket in self.trainable_buckets:
                 assert bucket.master is not None
                 bucket.host_grad = self._host_empty(bucket.shard_size, bucket.master.dtype)
-        self.optimizer = ShardedOptimizer(
-            optimizer,
-            self.layout,
-            self.rank,
-            self.trainable_buckets,
-            fqn_of,
-            self.config.allow_unknown_optimizer,
-            device=self.device,
-        )
+        #: One sharded optimizer per user optimizer, each over its own buckets.
+        self.optimizers: list[ShardedOptimizer] = [
+            ShardedOptimizer(opt, self.layout, self.rank, self._buckets_of(which), fqn_of,
+                             self.config.allow_unknown_optimizer, device=self.device, first_group=groups.start,
+                             total_groups=self._groups_of[-1].stop)
+            for which, (opt, groups) in enumerate(zip(optimizers, self._groups_of))
+        ]
+        self.optimizer = self.optimizers[0]  # the one optimizer, in the common case
+        self._divided: set[int] = set()  # buckets whose shards were divided in this window
+        self._toggled: dict[int, bool] = {}  # requires_grad before ``toggle``, by parameter index
+        self._planned_frozen = [self.params[r.index] for r in self.layout.params
+                                if not self.layout.buckets[r.bucket].key.requires_grad]
         self._flags: _StepFlags | None = None
         # module.load_state_dict() writes through to the slices ([Note: load_state_dict writes through]).
         self._taken: dict[str, torch.Tensor] = {}
@@ -186,6 +229,27 @@ class ZeroEngine:
     def trainable_buckets(self) -> list[FlatBucket]:
         """The buckets ZeRO reduces and steps, in layout order."""
         return [bucket for bucket in self.buckets if bucket.trainable]
+
+    def _buckets_of(self, optimizer: int | None) -> list[FlatBucket]:
+        """The trainable buckets optimizer ``optimizer`` steps (None: every optimizer's)."""
+        if optimizer is None:
+            return self.trainable_buckets
+        groups = self._groups_of[optimizer]
+        return [bucket for bucket in self.trainable_buckets if bucket.plan.key.group in groups]
+
+    def index_of(self, optimizer: torch.optim.Optimizer) -> int:
+        """Which of this engine's optimizers ``optimizer`` is (Lightning's and Fabric's wrappers unwrapped)."""
+        optimizer = getattr(optimizer, "_optimizer", optimizer)
+        for which, sharded in enumerate(self.optimizers):
+            if sharded.optimizer is optimizer:
+                return which
+        raise ValueError("this optimizer is not one of the engine's")
+
+    def _selected(self, optimizer: int | None) -> int | None:
+        """``optimizer``, or None (all) when there is only one."""
+        if optimizer is not None and not 0 <= optimizer < len(self.optimizers):
+            raise ValueError(f"optimizer index {optimizer} out of range: this engine has {len(self.optimizers)}")
+        return None if len(self.optimizers) == 1 else optimizer
 
     @property
     def in_flight_bytes(self) -> int:
@@ -284,17 +348,25 @@ class ZeroEngine:
         """Backwards inside accumulate locally (no collective) under the "boundary" policy."""
         return self.reducer.no_sync()
 
-    def reduce_gradients(self) -> None:
-        """Finish this window's reductions and turn the shards into true averaged gradients, dividing by
-        ``world_size * loss_scale`` once (idempotent until the step). A backward after this and before the
-        step raises: reduce (or read norms) only after the window's last micro-batch.
+    def reduce_gradients(self, optimizer: int | None = None) -> None:
+        """Finish this window's reductions and turn the shards of ``optimizer``'s buckets (None: all) into
+        true averaged gradients, dividing by ``world_size * loss_scale`` once (idempotent until the step). A
+        backward after this and before the step raises: reduce (or read norms) only after the window's last
+        micro-batch.
 
         Every flag the step needs crosses ranks here in one exchange with one host read: which parameters
         had a gradient on some rank, which buckets hold late gradients ([Note: observed order]), whether
         each rank's loss and gradient shards were finite, and (stage 3) the units each rank's forward ran.
         """
-        if self._flags is not None:
-            return
+        if self._flags is None:
+            self._finish_window()
+        for bucket in self._buckets_of(self._selected(optimizer)):
+            if bucket.index not in self._divided:
+                assert bucket.grad_shard is not None
+                bucket.grad_shard.div_(self.world_size * self.loss_scale)
+                self._divided.add(bucket.index)
+
+    def _finish_window(self) -> None:
         self._check_trainability_unchanged()
         self.reducer.finish()
         flags = self._exchange_flags()
@@ -303,7 +375,6 @@ class ZeroEngine:
         self.reducer.reduce_late(flags.late)
         if self.reducer.recording:
             self.reducer.adopt_order(all_gather_objects(self.reducer.arrival, self.group)[0])
-        self.reducer.divide(self.world_size * self.loss_scale)
         self._flags = flags  # last: a step that raised above is not taken as reduced by a retry
 
     def _exchange_flags(self) -> _StepFlags:
@@ -357,7 +428,8 @@ class ZeroEngine:
     def nonfinite_ranks(self) -> tuple[list[int], list[int]]:
         """The ranks whose loss (``loss_nonfinite``) and whose reduced gradient shard were not finite in this
         window: read from the step's flag exchange, so every rank takes the same decision."""
-        self.reduce_gradients()
+        if self._flags is None:
+            self._finish_window()
         assert self._flags is not None
         return self._flags.loss_nonfinite, self._flags.grad_nonfinite
 
@@ -388,7 +460,8 @@ class ZeroEngine:
     def nonfinite_params(self) -> list[str]:
         """Names of the parameters whose reduced gradient slice is not finite on any rank (a collective: call
         it on every rank, after ``nonfinite_ranks``)."""
-        self.reduce_gradients()
+        if self._flags is None:
+            self._finish_window()
         mine = []
         for bucket in self.trainable_buckets:
             if bucket.grad_shard is None or bool(torch.isfinite(bucket.grad_shard).all()):
@@ -398,41 +471,46 @@ class ZeroEngine:
                     mine.append(self.layout.params[piece.param].fqn)
         return sorted({name for names in all_gather_objects(mine, self.group) for name in names})
 
-    def skip_step(self) -> None:
-        """Drop this window's gradients without touching weights or optimizer state."""
-        self.reduce_gradients()
-        self.zero_grad()
+    def skip_step(self, optimizer: int | None = None) -> None:
+        """Drop this window's gradients (of ``optimizer``'s parameters; None: all) without touching weights or
+        optimizer state."""
+        self.reduce_gradients(optimizer)
+        self.zero_grad(optimizer)
 
     def _check_trainability_unchanged(self) -> None:
+        """A frozen parameter made trainable would be neither reduced nor stepped: refuse. A trainable one
+        frozen for a while (``toggle_optimizer``) just has no gradient."""
         for record in self.layout.params:
             planned = self.layout.buckets[record.bucket].key.requires_grad
-            if self.params[record.index].requires_grad != planned:
+            if self.params[record.index].requires_grad and not planned:
                 raise RuntimeError(
-                    f"{record.fqn}.requires_grad changed from {planned} after ZeRO planned its buckets; its "
-                    "gradient would be neither reduced nor stepped. Set requires_grad before the engine (or "
-                    "the strategy's setup) is created."
+                    f"{record.fqn}.requires_grad changed from {planned} after ZeRO planned its buckets, during this "
+                    "step; its gradient would be neither reduced nor stepped. Unfreeze between steps (the strategies "
+                    "re-plan then; with the bare engine call engine.replan()), see [Note: re-planning]."
                 )
 
-    def grad_shards(self) -> list[torch.Tensor]:
-        """This rank's averaged gradient slices, one 1-D tensor per trainable bucket."""
-        self.reduce_gradients()
-        return [bucket.grad_shard for bucket in self.trainable_buckets if bucket.grad_shard is not None]
+    def grad_shards(self, optimizer: int | None = None) -> list[torch.Tensor]:
+        """This rank's averaged gradient slices, one 1-D tensor per trainable bucket (of ``optimizer``)."""
+        self.reduce_gradients(optimizer)
+        return [bucket.grad_shard for bucket in self._buckets_of(self._selected(optimizer))
+                if bucket.grad_shard is not None]
 
-    def clip_grad_norm_(self, max_norm: float, norm_type: float = 2.0) -> torch.Tensor:
+    def clip_grad_norm_(self, max_norm: float, norm_type: float = 2.0, optimizer: int | None = None) -> torch.Tensor:
         """Clip the global gradient norm over all ranks' shards to ``max_norm``; return the norm before.
 
         ``torch.nn.utils.clip_grad_norm_`` would see only this rank's slice, hence the all-reduce. The scale
         stays on the device (no host read): multiplying by exactly 1.0 leaves a gradient unchanged.
         """
-        total = self.grad_norm(norm_type)
+        total = self.grad_norm(norm_type, optimizer)
         scale = (max_norm / (total + 1e-6)).clamp(max=1.0)
-        for shard in self.grad_shards():
+        for shard in self.grad_shards(optimizer):
             shard.mul_(scale.to(shard.device))
         return total
 
-    def grad_norm(self, norm_type: float = 2.0) -> torch.Tensor:
-        """The norm of the whole (averaged) gradient, identical on every rank (a collective)."""
-        shards = self.grad_shards()
+    def grad_norm(self, norm_type: float = 2.0, optimizer: int | None = None) -> torch.Tensor:
+        """The norm of the whole (averaged) gradient of ``optimizer``'s parameters (None: all), identical on
+        every rank (a collective)."""
+        shards = self.grad_shards(optimizer)
         device = shards[0].device if shards else self.device
         if math.isinf(norm_type):
             local = torch.stack([s.abs().max() for s in shards]).max().float() if shards else torch.zeros(())
@@ -445,37 +523,42 @@ class ZeroEngine:
         all_reduce(local, dist.ReduceOp.SUM, self.group)
         return (local ** (1.0 / norm_type)).float()
 
-    def clip_grad_value_(self, clip_value: float) -> None:
-        """Clamp every gradient element to ``[-clip_value, clip_value]`` (element-wise, no collective)."""
-        for shard in self.grad_shards():
+    def clip_grad_value_(self, clip_value: float, optimizer: int | None = None) -> None:
+        """Clamp every gradient element (of ``optimizer``'s parameters) to ``[-clip_value, clip_value]``
+        (element-wise, no collective)."""
+        for shard in self.grad_shards(optimizer):
             shard.clamp_(-clip_value, clip_value)
 
-    def step(self, closure: Callable[[], Any] | None = None) -> Any:
-        """One optimizer step: run ``closure`` (forward and backward) if given, reduce, step, all-gather."""
+    def step(self, closure: Callable[[], Any] | None = None, optimizer: int | None = None) -> Any:
+        """One optimizer step: run ``closure`` (forward and backward) if given, reduce, step, all-gather.
+        ``optimizer``: which of several optimizers steps (None: every one)."""
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        self.reduce_gradients()
+        which = self._selected(optimizer)
+        self.reduce_gradients(which)
         assert self._flags is not None
         if not self._checked_in_place:
             self._check_params_in_place()
             self._checked_in_place = True
+        buckets = self._buckets_of(which)
         if self.offload:
-            for bucket in self.trainable_buckets:
+            for bucket in buckets:
                 assert bucket.host_grad is not None and bucket.grad_shard is not None
                 bucket.host_grad.copy_(bucket.grad_shard, non_blocking=self._pin)
             self._wait_for_host_copies()
-        self.optimizer.step(self._flags.had_grad)
-        self._gather_params()
-        self.zero_grad()
+        for sharded in self.optimizers if which is None else [self.optimizers[which]]:
+            sharded.step(self._flags.had_grad)
+        self._gather_params(buckets)
+        self.zero_grad(which)
         return loss
 
-    def _gather_params(self) -> None:
+    def _gather_params(self, buckets: list[FlatBucket]) -> None:
         """Stages 1-2: all-gather the updated slices. Stage 3: the slice is the parameter until the next
         forward gathers it."""
         handles = []
-        for bucket in self.trainable_buckets:
+        for bucket in buckets:
             if bucket.own_master:
                 assert bucket.master is not None
                 bucket.shard.copy_(bucket.master, non_blocking=self._pin)
@@ -517,9 +600,25 @@ class ZeroEngine:
         if self.sharder is not None:
             self.sharder.release_all()
 
-    def zero_grad(self) -> None:
-        """Clear gradients and start a new window (also done at the end of ``step``)."""
-        self.reducer.zero_grad()
+    def zero_grad(self, optimizer: int | None = None) -> None:
+        """Clear gradients (of ``optimizer``'s parameters; None: all) and start a new window (also done at the
+        end of ``step``). The other optimizers' gradients stay, summed but undivided, for their own step
+        (see [Note: several optimizers])."""
+        buckets = self._buckets_of(self._selected(optimizer))
+        if self._flags is None and not self.reducer.finished and optimizer is not None:
+            self.reducer.clear(buckets)  # one optimizer's own zero_grad() between backwards: the window goes on
+            return
+        cleared = {bucket.index for bucket in buckets}
+        read = sorted(self._divided - cleared)
+        if read:
+            raise RuntimeError(
+                f"the gradients of optimizer {self._optimizer_of_bucket(read[0])} were read (clipping, a norm) "
+                f"in this window but another optimizer stepped: step each optimizer after reading its own "
+                "gradients, e.g. clip_gradients(opt) right before opt.step()"
+            )
+        self.reducer.clear(buckets)
+        self.reducer.new_window()
+        self._divided.clear()
         self._flags = None
         self.loss_nonfinite = False
         if self.sharder is not None:
@@ -537,11 +636,47 @@ class ZeroEngine:
         """Leave what moved since the last step out of the next step's window (evaluation loops in fit)."""
         self._traffic_mark = Counter(traffic)
 
+    def _state_of(self, master: torch.Tensor) -> dict[str, Any]:
+        """The optimizer state of one master slice, whichever optimizer holds it."""
+        for sharded in self.optimizers:
+            if master in sharded.optimizer.state:
+                return sharded.optimizer.state[master]
+        return {}
+
+    def toggle(self, optimizer: int) -> None:
+        """As Lightning's ``toggle_optimizer``, on the module's parameters: those of the other optimizers stop
+        requiring gradients until ``untoggle()`` (the optimizers' own param groups hold this rank's slices)."""
+        self.untoggle()
+        own = {index for bucket in self._buckets_of(optimizer) for index in bucket.plan.params}
+        held = [index for bucket in self.trainable_buckets for index in bucket.plan.params]
+        self._toggled = {index: self.params[index].requires_grad for index in held}
+        for index in held:
+            self.params[index].requires_grad_(index in own and self._toggled[index])
+
+    def untoggle(self) -> None:
+        """Give back what ``toggle`` took."""
+        for index, state in self._toggled.items():
+            self.params[index].requires_grad_(state)
+        self._toggled = {}
+
+    def _optimizer_of_bucket(self, index: int) -> int:
+        group = self.layout.buckets[index].key.group
+        return next(which for which, groups in enumerate(self._groups_of) if group in groups)
+
     # ------------------------------------------------------------------ state
     def full_state_dict(self) -> dict[str, Any]:
         """Whole parameters (fp32 masters where they exist) and optimizer state keyed by FQN, on CPU, on
         every rank. Loadable on any world size. A collective: call it on every rank."""
-        return {"params": self.full_params(), "optimizer": self.optimizer.full_state_dict(self.group)}
+        return {"params": self.full_params(), "optimizer": self.full_optimizer_state()}
+
+    def full_optimizer_state(self, rank: int | None = None) -> dict[str, Any]:
+        """Every optimizer's state keyed by FQN, their param groups one optimizer after another (a collective;
+        ``rank``: only that rank keeps the tensors)."""
+        fulls = [sharded.full_state_dict(self.group, rank) for sharded in self.optimizers]
+        if len(fulls) == 1:
+            return fulls[0]
+        return {"state": {fqn: values for full in fulls for fqn, values in full["state"].items()},
+                "param_groups": [group for full in fulls for group in full["param_groups"]]}
 
     def _authoritative_shard(self, bucket: FlatBucket) -> torch.Tensor | None:
         """The slice that holds ``bucket``'s true values when the full parameters do not (a master in a wider
@@ -683,7 +818,8 @@ class ZeroEngine:
         if optimizer:
             if source.param_groups is None:
                 raise ValueError("the saved state holds no optimizer state (saved weights only)")
-            self.optimizer.check_param_groups(source.param_groups)
+            for sharded in self.optimizers:
+                sharded.check_param_groups(source.param_groups)
 
     def load_state(self, source: StateSource, optimizer: bool = True) -> None:
         """Restore parameters (and optimizer state) from ``source``, saved on any world size and stage:
@@ -709,7 +845,8 @@ class ZeroEngine:
         if self.sharder is not None:
             self.sharder.after_step()
         if optimizer:
-            self.optimizer.load_state(source)
+            for sharded in self.optimizers:
+                sharded.load_state(source)
 
     def local_state_dict(self, optimizer: bool = True) -> dict[str, Any]:
         """This rank's part of the state, on CPU, with no collective: every slice of a flattened parameter it
@@ -723,7 +860,7 @@ class ZeroEngine:
             masters = {entry.piece.param: entry.master for entry in bucket.entries}
             for piece in self.layout.shard_slices(bucket.plan, self.rank):
                 master = masters.get(piece.param)
-                state = self.optimizer.optimizer.state.get(master, {}) if optimizer and master is not None else {}
+                state = self._state_of(master) if optimizer and master is not None else {}
                 pieces.append({
                     "fqn": self.layout.params[piece.param].fqn,
                     "start": piece.start,
@@ -747,7 +884,7 @@ class ZeroEngine:
             "aliases": {r.fqn: list(r.aliases) for r in self.layout.params if r.aliases},
             "pieces": pieces,
             "whole": whole,
-            "param_groups": self.optimizer.param_groups() if optimizer else None,
+            "param_groups": [g for sharded in self.optimizers for g in sharded.param_groups()] if optimizer else None,
         }
 
     def materialize_module(self) -> None:
@@ -768,12 +905,76 @@ class ZeroEngine:
                 record = self.layout.params[index]
                 param.data = full.narrow(0, record.offset, record.numel).view(record.shape)
 
+    # [Note: re-planning]
+    # The buckets follow the trainable set and the param groups at planning time. Lightning's BaseFinetuning
+    # unfreezes modules and adds their parameters as a new param group mid-fit; a user may call
+    # ``add_param_group`` or flip ``requires_grad`` on frozen parameters between steps. ``needs_replan`` says so
+    # (a host-side check, no collective), and ``replan`` plans again between steps: every optimizer's whole
+    # state and every whole parameter are gathered (a collective; they sit in host memory once, on every rank),
+    # the module and the optimizers get whole tensors back, and the engine builds itself anew on the same
+    # objects, re-slicing that state as it does any optimizer state it finds. Every rank must make the same
+    # change, as BaseFinetuning does. The new parameters start from their stored values: under ``*-mixed`` a
+    # frozen parameter is stored in 16 bits (it had no fp32 master), where ``ddp`` keeps fp32.
+    def needs_replan(self) -> str | None:
+        """Why the plan no longer fits the optimizers and the trainable set (None: it fits)."""
+        for which, sharded in enumerate(self.optimizers):
+            groups = sharded.optimizer.param_groups
+            if len(groups) != len(sharded.views):
+                return f"optimizer {which} has {len(groups)} param groups, planned with {len(sharded.views)}"
+            for index, (group, views) in enumerate(zip(groups, sharded.views)):
+                if group["params"] is not views or len(views) != sharded.view_counts[index]:
+                    return f"param group {index} of optimizer {which} holds other tensors than planned"
+        if any(param.requires_grad for param in self._planned_frozen):
+            names = [r.fqn for r in self.layout.params if self.params[r.index].requires_grad
+                     and not self.layout.buckets[r.bucket].key.requires_grad]
+            return f"{names[0]} requires gradients now and was frozen when planned"
+        return None
+
+    def module_param_groups(self, groups: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """``groups`` (one optimizer's ``param_groups``) with the module's parameters in place of this rank's
+        slices, for code that looks the groups' tensors up among the module's parameters."""
+        named = dict(self.module.named_parameters())
+        translated = []
+        for group in groups:
+            names = next((sharded.param_fqns[i] for sharded in self.optimizers
+                          for i, views in enumerate(sharded.views) if group["params"] is views), None)
+            translated.append(group if names is None else {**group, "params": [named[n] for n in names]})
+        return translated
+
+    def replan(self) -> None:
+        """Plan the buckets anew for the optimizers' current param groups and the current trainable set,
+        keeping every value and every optimizer state (a collective, between steps; see [Note: re-planning])."""
+        if self.window_open:
+            raise RuntimeError("re-plan between steps: this window has gradients that were not stepped")
+        whole = self.full_params()
+        named = dict(self.module.named_parameters())
+        states = [sharded.full_state_dict(self.group) for sharded in self.optimizers]
+        optimizers = [sharded.optimizer for sharded in self.optimizers]
+        planned = [(sharded.views, sharded.param_fqns) for sharded in self.optimizers]
+        self.close()
+        for fqn, param in named.items():
+            param.data = whole[fqn].to(self.device)
+        for optimizer, state, (views, names) in zip(optimizers, states, planned):
+            for index, group in enumerate(optimizer.param_groups):
+                if index < len(views) and len(group["params"]) == len(views[index]) and all(
+                        a is b for a, b in zip(group["params"], views[index])):
+                    group["params"] = [named[fqn] for fqn in names[index]]
+                elif any(all(p is not q for q in named.values()) for p in group["params"]):
+                    raise ValueError(f"param group {index} holds tensors that are not parameters of the module; "
+                                     "add parameters of the module (module.parameters())")
+            optimizer.state.clear()
+            for fqn, values in state["state"].items():
+                optimizer.state[named[fqn]] = dict(values)
+        self.__init__(self.module, optimizers if len(optimizers) > 1 else optimizers[0],  # type: ignore[misc]
+                      self.config, self.group, self._dtypes)
+
     def close(self, release_group: bool = True) -> None:
         """Remove every hook this engine installed; the module keeps its (flat-buffer) parameters.
         ``release_group=False`` leaves stage 3's reduction group alone (after a failure, when a peer that is gone
         could make destroying it wait)."""
         self.reducer.remove_hooks()
-        self.optimizer.remove_hooks()
+        for sharded in self.optimizers:
+            sharded.remove_hooks()
         for handle in self._load_hooks:
             handle.remove()
         if self.sharder is not None:

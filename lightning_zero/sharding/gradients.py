@@ -218,18 +218,23 @@ class GradientReducer:
             if late:
                 bucket.reduce_late(self.comm)
 
-    def divide(self, divide_by: float) -> None:
-        for bucket in self.order:
-            assert bucket.grad_shard is not None
-            bucket.grad_shard.div_(divide_by)
-
-    def zero_grad(self) -> None:
-        """Start a new window: zero the shards and full buffers, forget which parameters had gradients."""
-        for bucket in self.order:
+    def clear(self, buckets: Sequence[FlatBucket] | None = None) -> None:
+        """Zero the shards and full buffers of ``buckets`` (None: all) and forget which of their parameters
+        had gradients; other buckets keep theirs."""
+        for bucket in self.order if buckets is None else buckets:
             bucket.zero_grads()
-        self.had_grad = [False] * len(self.layout.params)
+            for index in bucket.plan.params:
+                self.had_grad[index] = False
+
+    def new_window(self) -> None:
+        """The step is done: the next backward starts a new window."""
         self._reduced_in_window = False
         self._finished = False
+
+    def zero_grad(self) -> None:
+        """Start a new window with every gradient cleared."""
+        self.clear()
+        self.new_window()
 
     def remove_hooks(self) -> None:
         """Detach from the module: no hook of ours fires after this."""

@@ -300,7 +300,7 @@ def plan_layout(
     aliases: Mapping[str, Sequence[str]] | None = None,
     shapes: Mapping[torch.nn.Parameter, torch.Size] | None = None,
     own_dtype: Collection[torch.nn.Parameter] = (),
-    whole: bool = False,
+    whole: bool | Collection[int] = False,
 ) -> Layout:
     """Plan buckets for ``named_params`` (registration order, each tensor once) on ``world_size`` ranks.
 
@@ -309,7 +309,8 @@ def plan_layout(
     parameter's own dtype, so a float64 layer stays float64); ``own_dtype`` lists parameters that keep their
     own dtype regardless; ``aliases`` lists extra names of tied parameters; ``shapes`` gives the true shape
     of parameters that are empty placeholders (built under sharded initialisation); ``whole`` gives every
-    trainable parameter whole to one rank (see [Note: whole parameters]).
+    trainable parameter whole to one rank (see [Note: whole parameters]); a collection: those of the
+    param groups it lists.
     """
     if world_size < 1:
         raise ValueError(f"world_size must be >= 1, got {world_size}")
@@ -339,7 +340,8 @@ def plan_layout(
         if any(m.key != key for m in members):
             raise ValueError("a grouping returned a bucket mixing param groups, dtypes or requires_grad")
         bounds: tuple[int, ...] | None = None
-        if whole and key.group is not None and key.requires_grad:
+        whole_group = whole if isinstance(whole, bool) else key.group in whole
+        if whole_group and key.group is not None and key.requires_grad:
             members, bounds = _by_owner(members, loads)
         offset = 0
         indices = []

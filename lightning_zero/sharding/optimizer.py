@@ -140,16 +140,22 @@ class ShardedOptimizer:
         fqn_of: Mapping[torch.Tensor, str],
         allow_unknown: bool = False,
         device: torch.device | None = None,
+        first_group: int = 0,
+        total_groups: int | None = None,
     ) -> None:
         """``buckets`` are the trainable buckets: the optimizer steps each one's ``master`` slice and reads its
         gradient slice (``host_grad`` under offload, else ``grad_shard``); their ``entries`` are set here.
         ``device`` is where collectives run (the parameters' device; default: the masters'). In the whole-parameter
-        layout each entry is a whole parameter, its master and gradient viewed in the parameter's shape."""
+        layout each entry is a whole parameter, its master and gradient viewed in the parameter's shape.
+        ``first_group``: the layout's number for this optimizer's first param group (several optimizers
+        number their groups one after another, ``total_groups`` in all)."""
         needs_whole_params(optimizer, allow_unknown)  # refuses what no layout makes exact
         # State the optimizer already holds (Adagrad makes it at construction; a resumed optimizer has it)
         # is kept: each rank slices out its part below.
         existing = {fqn_of[p]: dict(values) for p, values in optimizer.state.items()}
         self.optimizer = optimizer
+        self.first_group = first_group
+        self.total_groups = len(optimizer.param_groups) if total_groups is None else total_groups
         self.layout = layout
         self.rank = rank
         self.buckets = list(buckets)
@@ -159,10 +165,12 @@ class ShardedOptimizer:
             device = masters[0].device if masters else torch.device("cpu")
         self.device = device  # NCCL gathers device tensors only, wherever the state itself lives
         self.param_fqns: list[list[str]] = [[fqn_of[p] for p in g["params"]] for g in optimizer.param_groups]
+        #: The tensors each param group holds after re-pointing (this rank's master views).
+        self.views: list[list[torch.Tensor]] = []
         for group_index, group in enumerate(optimizer.param_groups):
             views = []
             for bucket in self.buckets:
-                if bucket.plan.key.group != group_index:
+                if bucket.plan.key.group != first_group + group_index:
                     continue
                 master, grads = bucket.master, bucket.host_grad if bucket.host_grad is not None else bucket.grad_shard
                 assert master is not None and grads is not None
@@ -176,6 +184,8 @@ class ShardedOptimizer:
                 ]
                 views.extend(entry.master for entry in bucket.entries)
             group["params"] = views
+            self.views.append(views)
+        self.view_counts = [len(views) for views in self.views]
         optimizer.state.clear()
         #: Every parameter's shape by FQN, for sources that hold optimizer state only.
         self.shapes = {record.fqn: record.shape for record in layout.params}
@@ -197,9 +207,9 @@ class ShardedOptimizer:
         """Step the slices of parameters that had a gradient on some rank in this window."""
         if len(self.optimizer.param_groups) != len(self.param_fqns):
             raise RuntimeError(
-                "optimizer.add_param_group() was called after ZeRO sharded the optimizer (BaseFinetuning's "
-                "unfreeze_and_add_param_group does this); ZeRO cannot re-plan mid-fit. Put every parameter in "
-                "the optimizer from the start and unfreeze with requires_grad before setup instead."
+                "optimizer.add_param_group() was called during this step, after its backward; add param groups "
+                "between steps (the strategies re-plan then; with the bare engine call engine.replan()), see "
+                "[Note: re-planning]"
             )
         for piece, master, grad in self._entries():
             if had_grad[piece.param]:
@@ -247,7 +257,7 @@ class ShardedOptimizer:
                 if kind == "scalar":
                     state[fqns[index]][key] = value
         for bucket in self.layout.buckets:
-            if not bucket.trainable:
+            if not bucket.trainable or bucket.index not in self._by_index:  # another optimizer's
                 continue
             if bucket.bounds is not None:
                 self._gather_whole_state(bucket, merged, state, group, keep)
@@ -301,8 +311,17 @@ class ShardedOptimizer:
         return [{**{k: v for k, v in g.items() if k != "params"}, "params": list(names)}
                 for g, names in zip(self.optimizer.param_groups, self.param_fqns)]
 
+    def own_groups(self, groups: Sequence[Mapping[str, Any]]) -> Sequence[Mapping[str, Any]]:
+        """This optimizer's saved groups: ``groups`` themselves, or this optimizer's run of them where several
+        optimizers' groups were saved one after another (an engine's local state)."""
+        count = len(self.optimizer.param_groups)
+        if len(groups) == self.total_groups != count:
+            return groups[self.first_group : self.first_group + count]
+        return groups
+
     def check_param_groups(self, groups: Sequence[Mapping[str, Any]]) -> None:
         """Raise unless saved ``groups`` hold the same parameters, group by group, as this optimizer."""
+        groups = self.own_groups(groups)
         if len(groups) != len(self.optimizer.param_groups):
             raise ValueError(
                 f"the saved optimizer has {len(groups)} param groups, this one {len(self.optimizer.param_groups)}"
@@ -324,7 +343,7 @@ class ShardedOptimizer:
         if groups is None:
             raise ValueError("the saved state holds no optimizer state (saved weights only)")
         self.check_param_groups(groups)
-        for group, saved in zip(self.optimizer.param_groups, groups):
+        for group, saved in zip(self.optimizer.param_groups, self.own_groups(groups)):
             group.update({k: v for k, v in saved.items() if k != "params"})
         self.optimizer.state.clear()
         self._restore_slices(source)
