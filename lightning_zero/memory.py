@@ -76,9 +76,9 @@ def model_state_bytes(engine: ZeroEngine) -> ModelStateBytes:
     grads += [p.grad for p in engine.module.parameters() if p.grad is not None]
     gradients = _storage_bytes(grads, seen)
     host_gradients = _storage_bytes((b.host_grad for b in buckets if b.host_grad is not None), seen)
-    state = engine.optimizer.optimizer.state
     optimizer_state = _storage_bytes(
-        (value for values in state.values() for value in values.values() if torch.is_tensor(value)), seen
+        (value for sharded in engine.optimizers for values in sharded.optimizer.state.values()
+         for value in values.values() if torch.is_tensor(value)), seen
     )
     if engine.offload:
         return ModelStateBytes(parameters, gradients, 0, 0, engine.in_flight_bytes,

@@ -425,9 +425,18 @@ class ZeroReport(pl.Callback):
         policy: PrecisionPolicy = plugin.policy
         default = PrecisionPolicy.from_precision(plugin.precision)
         label = plugin.precision if policy == default else _describe(policy)
-        self.estimate = _estimate(_counts_of_engine(engine), engine.config.stage, engine.world_size, policy,
-                                  label, engine.optimizer.optimizer, engine.reduce_policy, engine.config.offload)
         self.last = None
+        try:
+            if len(engine.optimizers) > 1 or any(engine.whole_params):
+                raise ValueError("several optimizers, or whole parameters per rank")
+            self.estimate = _estimate(_counts_of_engine(engine), engine.config.stage, engine.world_size, policy,
+                                      label, engine.optimizer.optimizer, engine.reduce_policy, engine.config.offload)
+        except ValueError as exc:  # measured bytes are still logged
+            self.estimate = None
+            if self.verbose and trainer.is_global_zero:
+                print(f"[ZeroReport] fit start: no estimate for this run ({exc}); measured bytes are logged",
+                      flush=True)
+            return
         if self.verbose and trainer.is_global_zero:
             print(f"[ZeroReport] fit start (estimate)\n{self.estimate.table()}", flush=True)
 
@@ -451,7 +460,12 @@ class ZeroReport(pl.Callback):
                 logger.log_metrics(metrics, step=step)
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if not (self.verbose and trainer.is_global_zero) or self.estimate is None:
+        if not (self.verbose and trainer.is_global_zero):
+            return
+        if self.estimate is None:
+            if self.last is not None:
+                print(f"[ZeroReport] fit end (after optimizer step {self.last.step}): "
+                      f"{self.last.metrics()}", flush=True)
             return
         if self.last is None:
             print("[ZeroReport] fit end: no optimizer step was measured", flush=True)

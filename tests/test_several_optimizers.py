@@ -523,3 +523,20 @@ def test_base_finetuning_unfreezes_saves_and_resumes_exactly(pools, tmp_path, st
     for case, error in errors.items():
         print(f"zero{stage} BaseFinetuning {case}: {error:.2e}")
     assert all(error <= TOLERANCE for error in errors.values()), errors
+
+
+def reported_gan() -> tuple[int, int]:
+    from lightning_zero import ZeroReport, ZeroStrategy
+    from tests.lit_helpers import trainer
+
+    report = ZeroReport(every_n_steps=1, verbose=False)
+    fit = trainer(ZeroStrategy(stage=2, bucket_numel=40), max_steps=4, callbacks=[report])
+    fit.fit(LitGAN(), _steps(4))
+    held = sum(v.numel() * v.element_size() for opt in fit.optimizers for s in opt.state.values()
+               for v in s.values() if torch.is_tensor(v))
+    return report.last.held.optimizer_state, held
+
+
+def test_zero_report_measures_every_optimizer(pools) -> None:
+    for reported, held in pools(2).run(reported_gan):
+        assert reported == held > 0, (reported, held)  # AdamW's and SGD's state, on this rank
