@@ -12,9 +12,11 @@ pinned to its own core (``harness.run_pinned``). Writes benchmarks/results/whole
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import statistics
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -27,15 +29,22 @@ sys.path.insert(0, str(HERE))
 from harness import WORLD, common_arguments, run_pinned, time_steps  # noqa: E402
 
 SYSTEMS = ("ddp", "zero1", "zero2", "zero3")
+DEEPSPEED = ("deepspeed1", "deepspeed2")  # DeepSpeed's Muon runs under ZeRO stages 1 and 2
 OPTIMIZERS = ("adafactor", "muon+adamw")
 
 
 def _optimizers(model: torch.nn.Module, kind: str) -> list[torch.optim.Optimizer]:
     if kind == "adafactor":
         return [torch.optim.Adafactor(model.parameters(), lr=1e-2)]
-    matrices = [p for n, p in model.named_parameters() if n.startswith("layers.") and p.dim() == 2]
-    rest = [p for n, p in model.named_parameters() if not (n.startswith("layers.") and p.dim() == 2)]
+    matrices = [p for n, p in model.named_parameters() if _muon_rule(n, p)]
+    rest = [p for n, p in model.named_parameters() if not _muon_rule(n, p)]
     return [torch.optim.Muon(matrices, lr=2e-2), torch.optim.AdamW(rest, lr=1e-3)]
+
+
+def _muon_rule(name: str, param: torch.Tensor) -> bool:
+    """DeepSpeed's rule for which parameters Muon steps (``deepspeed.set_optimizer_flags``): matrices whose
+    name has neither "embed" nor "lm_head"; every system here splits the same way."""
+    return param.dim() >= 2 and not any(key in name.lower() for key in ("embed", "lm_head"))
 
 
 def expected_state_bytes(shape: torch.Size, kind: str) -> int:
@@ -65,7 +74,14 @@ def worker(rank: int, args: argparse.Namespace) -> dict[str, Any]:
     results: dict[str, Any] = {}
     for _ in range(args.repeats):
         for kind in OPTIMIZERS:
-            for system in SYSTEMS:
+            for system in SYSTEMS + (DEEPSPEED if kind == "muon+adamw" and args.deepspeed else ()):
+                if system.startswith("deepspeed"):
+                    held, owned, times = _deepspeed_muon(rank, args, int(system[-1]))
+                    per_rank = [None] * dist.get_world_size()
+                    dist.all_gather_object(per_rank, (held, None, owned))
+                    entry = results.setdefault(f"{kind} {system}", {"times": [], "per_rank": per_rank})
+                    entry["times"].extend(times)
+                    continue
                 torch.manual_seed(0)
                 model = GPT(args.width, args.depth, args.heads)
                 shapes = {n: p.shape for n, p in model.named_parameters()}
@@ -91,17 +107,59 @@ def worker(rank: int, args: argparse.Namespace) -> dict[str, Any]:
     return results
 
 
+def _deepspeed_muon(rank: int, args: argparse.Namespace, stage: int) -> tuple[int, int, list[float]]:
+    """DeepSpeed's own Muon as its users run it: ``"optimizer": {"type": "Muon"}`` in the config, parameters
+    tagged by ``deepspeed.initialize``; its optimizer state bytes, owned elements and step times."""
+    import logging
+
+    import deepspeed
+    from gpt import GPT, corpus, sample_batch
+
+    logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
+    torch.manual_seed(0)
+    model = GPT(args.width, args.depth, args.heads)
+    config = {
+        "train_micro_batch_size_per_gpu": args.batch_size, "gradient_accumulation_steps": 1,
+        "gradient_clipping": 0.0, "zero_optimization": {"stage": stage},
+        "optimizer": {"type": "Muon", "params": {"lr": 2e-2, "adam_lr": 1e-3}},
+        "steps_per_print": 2**31 - 1, "wall_clock_breakdown": False,
+    }
+    engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=config)
+    data = corpus()
+    generator = torch.Generator().manual_seed(rank)
+    times = []
+    for step in range(args.warmup + args.steps):
+        x, y = sample_batch(data, args.batch_size, model.block, generator)
+        dist.barrier()
+        start = time.perf_counter()
+        logits = engine(x)
+        engine.backward(torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1)))
+        engine.step()
+        if step >= args.warmup:
+            times.append(time.perf_counter() - start)
+    inner = engine.optimizer.optimizer  # the torch-style optimizer over DeepSpeed's flat partitions
+    held = _state_bytes(inner)
+    owned = sum(p.numel() for group in inner.param_groups for p in group["params"])
+    engine.destroy()
+    return held, owned, times
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     common_arguments(parser)
     parser.add_argument("--heads", type=int, default=6)
+    parser.add_argument("--no-deepspeed", dest="deepspeed", action="store_false",
+                        help="skip DeepSpeed's Muon (skipped anyway where deepspeed is not installed)")
     parser.set_defaults(width=384, depth=3, repeats=3)
     args = parser.parse_args()
+    args.deepspeed = args.deepspeed and importlib.util.find_spec("deepspeed") is not None
     results = run_pinned(worker, args)
     rows = []
     for kind in OPTIMIZERS:
         ddp = statistics.median(results[f"{kind} ddp"]["times"])
-        for system in SYSTEMS:
+        for system in SYSTEMS + DEEPSPEED:
+            if f"{kind} {system}" not in results:
+                continue
             entry = results[f"{kind} {system}"]
             median = statistics.median(entry["times"])
             held = [h for h, _, _ in entry["per_rank"]]
@@ -122,7 +180,7 @@ def main() -> None:
     for row in rows:
         owned = row["owned_elements_per_rank"]
         held = ", ".join(f"{b:,}" for b in row["state_bytes_per_rank"])
-        formula = ", ".join(f"{b:,}" for b in row["formula_bytes_per_rank"])
+        formula = ", ".join("—" if b is None else f"{b:,}" for b in row["formula_bytes_per_rank"])
         lines.append(f"| {row['optimizer']} | {row['system']} | {held} | {formula} | {max(owned):,} / {min(owned):,} "
                      f"| {row['median_step_s'] * 1000:.1f} ms | {row['vs_ddp']:.2f}x |")
     (HERE / "results" / "whole_params.md").write_text("\n".join(lines) + "\n")
