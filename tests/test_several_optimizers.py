@@ -410,7 +410,7 @@ def _optimizer_for(model: nn.Module, how: str) -> torch.optim.Optimizer:
     return torch.optim.AdamW(groups, lr=0.01)
 
 
-def replanned(stage: int, how: str) -> dict[str, Any]:
+def replanned(stage: int, how: str, offload: str = "none") -> dict[str, Any]:
     from tests.helpers import build_model
 
     rank, world = dist.get_rank(), dist.get_world_size()
@@ -418,7 +418,7 @@ def replanned(stage: int, how: str) -> dict[str, Any]:
     ref_opt = _optimizer_for(reference, how)
     model = build_model()
     opt = _optimizer_for(model, how)
-    engine = ZeroEngine(model, opt, ZeroConfig(stage=stage, bucket_numel=150, unit_numel=100))
+    engine = ZeroEngine(model, opt, ZeroConfig(stage=stage, bucket_numel=150, unit_numel=100, offload=offload))
     before = None
     for step in range(STEPS):
         if step == 4:
@@ -447,13 +447,14 @@ def replanned(stage: int, how: str) -> dict[str, Any]:
 @pytest.mark.parametrize("world_size", [2, 3])
 def test_unfreezing_between_steps_replans_and_matches_one_process(pools, world_size) -> None:
     failures = []
-    for stage in (1, 2, 3):
-        for how in ("add_param_group", "flip"):
-            result = pools(world_size).run(replanned, stage, how)[0]
-            print(f"ws={world_size} zero{stage} {how}: worst {result['worst']:.2e} against one process, frozen "
-                  f"layer moved {result['frozen_moved']:.2e} after unfreezing ({result['reason']})")
-            if not (result["worst"] <= TOLERANCE and result["frozen_moved"] > 1e-3 and result["ranks_equal"]):
-                failures.append((stage, how, result))
+    cases = [(stage, how, "none") for stage in (1, 2, 3) for how in ("add_param_group", "flip")]
+    cases += [(3, "add_param_group", "optimizer")]  # masters and state in host memory
+    for stage, how, offload in cases:
+        result = pools(world_size).run(replanned, stage, how, offload)[0]
+        print(f"ws={world_size} zero{stage} {how} offload={offload}: worst {result['worst']:.2e} against one "
+              f"process, frozen layer moved {result['frozen_moved']:.2e} after unfreezing ({result['reason']})")
+        if not (result["worst"] <= TOLERANCE and result["frozen_moved"] > 1e-3 and result["ranks_equal"]):
+            failures.append((stage, how, result))
     assert not failures, failures
 
 
