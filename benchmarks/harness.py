@@ -52,19 +52,11 @@ def time_steps(model: torch.nn.Module, optimizers: Sequence[torch.optim.Optimize
     """Step times of the example GPT ``model`` with ``optimizers``, under torch DDP (``engine`` None) or the
     ZeRO ``engine`` that shards them, after ``warmup`` steps. Every rank draws its own batches; a barrier
     starts each step."""
-    from gpt import corpus, sample_batch
     from torch.nn.parallel import DistributedDataParallel
 
-    data = corpus()
     net = DistributedDataParallel(model) if engine is None else model
-    generator = torch.Generator().manual_seed(rank)
-    times = []
-    for step in range(warmup + steps):
-        x, y = sample_batch(data, batch_size, model.block, generator)
-        dist.barrier()
-        if step == warmup:
-            on_warm()
-        start = time.perf_counter()
+
+    def one_step(x: torch.Tensor, y: torch.Tensor) -> None:
         logits = net(x)
         torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1)).backward()
         for which, optimizer in enumerate(optimizers):
@@ -73,6 +65,26 @@ def time_steps(model: torch.nn.Module, optimizers: Sequence[torch.optim.Optimize
                 optimizer.zero_grad()
             else:
                 engine.step(optimizer=which)
+
+    return time_loop(one_step, model.block, rank, batch_size, warmup, steps, on_warm)
+
+
+def time_loop(one_step: Callable[[torch.Tensor, torch.Tensor], None], block: int, rank: int, batch_size: int,
+              warmup: int, steps: int, on_warm: Callable[[], None] = lambda: None) -> list[float]:
+    """Times of ``one_step(x, y)`` (forward, backward, optimizer step) on the example corpus, after ``warmup``
+    steps. Every rank draws its own batches; a barrier starts each step."""
+    from gpt import corpus, sample_batch
+
+    data = corpus()
+    generator = torch.Generator().manual_seed(rank)
+    times = []
+    for step in range(warmup + steps):
+        x, y = sample_batch(data, batch_size, block, generator)
+        dist.barrier()
+        if step == warmup:
+            on_warm()
+        start = time.perf_counter()
+        one_step(x, y)
         if step >= warmup:
             times.append(time.perf_counter() - start)
     return times

@@ -15,46 +15,39 @@ import argparse
 import json
 import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent / "examples"))
 sys.path.insert(0, str(HERE))
-from harness import common_arguments, run_pinned  # noqa: E402
+from harness import common_arguments, run_pinned, time_loop  # noqa: E402
 
 LAYOUTS = ("fp32 kept", "all bf16")
 
 
 def _steps(stage: int, layout: str, args: argparse.Namespace, rank: int) -> tuple[list[float], int, int]:
-    from gpt import GPT, corpus, sample_batch
+    from gpt import GPT
 
     import lightning_zero.sharding.engine as engine_module
     from lightning_zero import PrecisionPolicy, ZeroConfig, ZeroEngine, model_state_bytes
     from lightning_zero.sharding.layout import full_precision_params
 
-    engine_module.full_precision_params = full_precision_params if layout == "fp32 kept" else (lambda _: set())
-    data = corpus()
+    engine_module.full_precision_params = full_precision_params if layout == "fp32 kept" else (lambda *_: set())
     torch.manual_seed(0)
     model = GPT(width=args.width, depth=args.depth)
     engine = ZeroEngine(model, torch.optim.AdamW(model.parameters(), lr=1e-3), ZeroConfig(stage=stage),
                         dtypes=PrecisionPolicy.from_precision("bf16-mixed").slots())
     kept = sum(b.numel for b in engine.layout.buckets if b.key.own_dtype)
-    generator = torch.Generator().manual_seed(rank)
-    times = []
-    for step in range(args.warmup + args.steps):
-        x, y = sample_batch(data, args.batch_size, model.block, generator)
-        dist.barrier()
-        start = time.perf_counter()
+
+    def one_step(x: torch.Tensor, y: torch.Tensor) -> None:
         with torch.autocast("cpu", dtype=torch.bfloat16):
             logits = model(x)
         torch.nn.functional.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), y.reshape(-1)).backward()
         engine.step()
-        if step >= args.warmup:
-            times.append(time.perf_counter() - start)
+
+    times = time_loop(one_step, model.block, rank, args.batch_size, args.warmup, args.steps)
     held = model_state_bytes(engine).total
     engine.close()
     return times, held, kept

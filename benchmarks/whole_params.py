@@ -16,7 +16,6 @@ import importlib.util
 import json
 import statistics
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +25,7 @@ import torch.distributed as dist
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent / "examples"))
 sys.path.insert(0, str(HERE))
-from harness import WORLD, common_arguments, run_pinned, time_steps  # noqa: E402
+from harness import WORLD, common_arguments, run_pinned, time_loop, time_steps  # noqa: E402
 
 SYSTEMS = ("ddp", "zero1", "zero2", "zero3")
 DEEPSPEED = ("deepspeed1", "deepspeed2")  # DeepSpeed's Muon runs under ZeRO stages 1 and 2
@@ -113,7 +112,7 @@ def _deepspeed_muon(rank: int, args: argparse.Namespace, stage: int) -> tuple[in
     import logging
 
     import deepspeed
-    from gpt import GPT, corpus, sample_batch
+    from gpt import GPT
 
     logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
     torch.manual_seed(0)
@@ -125,18 +124,13 @@ def _deepspeed_muon(rank: int, args: argparse.Namespace, stage: int) -> tuple[in
         "steps_per_print": 2**31 - 1, "wall_clock_breakdown": False,
     }
     engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=config)
-    data = corpus()
-    generator = torch.Generator().manual_seed(rank)
-    times = []
-    for step in range(args.warmup + args.steps):
-        x, y = sample_batch(data, args.batch_size, model.block, generator)
-        dist.barrier()
-        start = time.perf_counter()
+
+    def one_step(x: torch.Tensor, y: torch.Tensor) -> None:
         logits = engine(x)
         engine.backward(torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1)))
         engine.step()
-        if step >= args.warmup:
-            times.append(time.perf_counter() - start)
+
+    times = time_loop(one_step, model.block, rank, args.batch_size, args.warmup, args.steps)
     inner = engine.optimizer.optimizer  # the torch-style optimizer over DeepSpeed's flat partitions
     held = _state_bytes(inner)
     owned = sum(p.numel() for group in inner.param_groups for p in group["params"])
