@@ -41,8 +41,8 @@ from lightning_zero.checkpoint import (
 )
 from lightning_zero.config import ReducePolicyName
 from lightning_zero.options import OPTIONS_DOC, BufferSync, SharedStrategyMethods, StrategyOptions, zero_precision_from
-from lightning_zero.precision import ZeroPrecisionCore, cast_floats, check_several_optimizers
-from lightning_zero.routing import route_through_engine
+from lightning_zero.precision import ZeroPrecisionCore, cast_floats
+from lightning_zero.routing import ALL_METHODS, shard_together
 from lightning_zero.sharding.collectives import broadcast_coalesced
 from lightning_zero.sharding.engine import ZeroEngine
 from lightning_zero.sharding.init import pending_chunks, sharded_init
@@ -321,11 +321,7 @@ class ZeroFabricStrategy(SharedStrategyMethods, DDPStrategy, _Sharded):
         return optimizer
 
     def _shard(self, wrapper: ZeroModule, optimizers: list[Optimizer]) -> None:
-        check_several_optimizers(len(optimizers), self.precision)
-        wrapper.engine = ZeroEngine(wrapper.module, optimizers, self.config, dtypes=self.precision.policy.slots())
-        for optimizer in optimizers:
-            self.precision.bind(optimizer, wrapper.engine)
-            route_through_engine(optimizer, wrapper.engine)
+        wrapper.engine = shard_together(wrapper.module, optimizers, self.config, self.precision, ALL_METHODS)
         self.engines.append(wrapper.engine)
 
     def engine_of(self, module: Module) -> ZeroEngine | None:
@@ -414,7 +410,7 @@ class ZeroFabricStrategy(SharedStrategyMethods, DDPStrategy, _Sharded):
         if id(getattr(optimizer, "_optimizer", optimizer)) not in self.precision._engines:
             return super().get_optimizer_state(optimizer)
         engine = self.precision.engine_for(optimizer)
-        return engine.optimizers[engine.index_of(optimizer)].full_state_dict(engine.group)
+        return engine.sharded(optimizer).full_state_dict(engine.group)
 
     @override
     def load_module_state_dict(self, module: Module, state_dict: dict[str, Any], strict: bool = True) -> None:
@@ -465,8 +461,7 @@ class ZeroFabricStrategy(SharedStrategyMethods, DDPStrategy, _Sharded):
         if module_key is not None:
             meta[module_key] = {k: v for k, v in engine.module.state_dict().items() if k not in names}
         for key in keys:
-            sharded_optimizer = engine.optimizers[engine.index_of(state[key])]
-            meta[key] = {"lightning_zero": "sharded", "param_groups": sharded_optimizer.param_groups()}
+            meta[key] = {"lightning_zero": "sharded", "param_groups": engine.sharded(state[key]).param_groups()}
         local, manifest = engine_shards(engine, self.config.stage, bool(keys),
                                         entries={"module": module_key, "optimizer": optimizer_key})
         save_sharded(path, local, meta if self.is_global_zero else None, self._checkpoint_group,

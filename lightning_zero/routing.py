@@ -17,12 +17,15 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
 from torch.optim import Optimizer
 
 from lightning_zero.checkpoint import restore_optimizer
+from lightning_zero.config import ZeroConfig
+from lightning_zero.precision import ZeroPrecisionCore, check_several_optimizers
 from lightning_zero.sharding.engine import ZeroEngine
 
-__all__ = ["route_through_engine"]
+__all__ = ["route_through_engine", "shard_together"]
 
 _ROUTED: dict[tuple[type, tuple[str, ...]], type] = {}
 
@@ -62,9 +65,22 @@ def _zero_grad(self: Any, set_to_none: bool = True) -> None:
 
 def _state_dict(self: Any) -> dict[str, Any]:
     inner, engine = _engine(self)
-    return engine.optimizers[engine.index_of(inner)].full_state_dict(engine.group)
+    return engine.sharded(inner).full_state_dict(engine.group)
 
 
 def _load_state_dict(self: Any, state_dict: dict[str, Any]) -> None:
     inner, engine = _engine(self)
     restore_optimizer(engine, state_dict, None, engine.index_of(inner))
+
+
+def shard_together(module: torch.nn.Module, optimizers: list[Optimizer], config: ZeroConfig,
+                   precision: ZeroPrecisionCore, methods: tuple[str, ...]) -> ZeroEngine:
+    """One engine for ``module`` and all its ``optimizers`` (see [Note: several optimizers]), each optimizer
+    bound to it in the precision plugin and its ``methods`` routed through it."""
+    check_several_optimizers(len(optimizers), precision)
+    engine = ZeroEngine(module, optimizers, config, dtypes=precision.policy.slots())
+    for optimizer in optimizers:
+        precision.bind(optimizer, engine)
+        if methods:
+            route_through_engine(optimizer, engine, methods)
+    return engine

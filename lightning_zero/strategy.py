@@ -47,8 +47,8 @@ from lightning_zero.options import (
     end_child_ranks,
     zero_precision_from,
 )
-from lightning_zero.precision import ZeroPrecision, check_several_optimizers
-from lightning_zero.routing import route_through_engine
+from lightning_zero.precision import ZeroPrecision
+from lightning_zero.routing import shard_together
 from lightning_zero.sharding.collectives import CollectiveError, wait_all
 from lightning_zero.sharding.engine import ZeroEngine
 from lightning_zero.sharding.init import sharded_init
@@ -263,15 +263,10 @@ class ZeroStrategy(SharedStrategyMethods, DDPStrategy):
                 "unit's forward and backward, which compiled graphs do not allow. Use stage 1 or 2 with "
                 "torch.compile (tested), or stage 3 without it."
             )
-        precision = self.precision_plugin
-        check_several_optimizers(len(self.optimizers), precision)
-        # One engine for every optimizer: they share the module's buckets (see [Note: several optimizers]).
-        engine = ZeroEngine(self.lightning_module, self.optimizers, self.config, dtypes=precision.policy.slots())
-        for optimizer in self.optimizers:
-            precision.bind(optimizer, engine)
-            if len(self.optimizers) > 1:  # each optimizer's zero_grad() clears its own gradients in the engine
-                route_through_engine(optimizer, engine, ("zero_grad",))
-        if len(self.optimizers) > 1:
+        several = len(self.optimizers) > 1  # then each optimizer's zero_grad() clears its own gradients
+        engine = shard_together(self.lightning_module, self.optimizers, self.config, self.precision_plugin,
+                                ("zero_grad",) if several else ())
+        if several:
             self.optimizers = self.optimizers  # Lightning's wrappers take the routed classes
             _toggle_through(self.lightning_module, engine)
         _finetuning_through(self.lightning_module.trainer.callbacks)
@@ -419,7 +414,7 @@ class ZeroStrategy(SharedStrategyMethods, DDPStrategy):
         """"full": the whole optimizer state keyed by parameter name, on rank 0 (a collective). "sharded": a marker;
         each rank's slices are written by ``save_checkpoint``."""
         engine = self.precision_plugin.engine_for(optimizer)
-        sharded = engine.optimizers[engine.index_of(optimizer)]
+        sharded = engine.sharded(optimizer)
         if self._sharded_save:
             return {"lightning_zero": "sharded", "param_groups": sharded.param_groups()}
         return sharded.full_state_dict(engine.group, rank=0)  # only rank 0 writes the file

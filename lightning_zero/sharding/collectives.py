@@ -44,7 +44,7 @@ __all__ = [
     "all_reduce",
     "broadcast_coalesced",
     "broadcast_object",
-    "broadcast_from_first",
+    "broadcast_from",
     "exchange_flags",
     "traffic",
     "wait_all",
@@ -298,8 +298,8 @@ class Comm:
         return self._on_stream("all_gather", launch, (flat, shard))
 
 
-def broadcast_from_first(tensors: list[torch.Tensor], group: ProcessGroup | None, source: int = 0) -> None:
-    """Overwrite ``tensors`` on every rank with the values of the group's first rank (or its rank ``source``)."""
+def broadcast_from(tensors: list[torch.Tensor], group: ProcessGroup | None, source: int = 0) -> None:
+    """Overwrite ``tensors`` on every rank with the values of the group's rank ``source`` (its first by default)."""
     src = dist.get_global_rank(group, source) if group is not None else source
     for tensor in tensors:
         _count("broadcast", tensor)

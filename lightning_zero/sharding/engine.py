@@ -51,7 +51,7 @@ from lightning_zero.sharding.collectives import (
     all_gather_into,
     all_gather_objects,
     all_reduce,
-    broadcast_from_first,
+    broadcast_from,
     exchange_flags,
     traffic,
     wait_all,
@@ -206,7 +206,7 @@ class ZeroEngine:
         self.optimizer = self.optimizers[0]  # the one optimizer, in the common case
         self._divided: set[int] = set()  # buckets whose shards were divided in this window
         self._toggled: dict[int, bool] = {}  # requires_grad before ``toggle``, by parameter index
-        self._planned_frozen = [self.params[r.index] for r in self.layout.params
+        self._planned_frozen = [(r.fqn, self.params[r.index]) for r in self.layout.params
                                 if not self.layout.buckets[r.bucket].key.requires_grad]
         self._flags: _StepFlags | None = None
         # module.load_state_dict() writes through to the slices ([Note: load_state_dict writes through]).
@@ -244,6 +244,10 @@ class ZeroEngine:
             if sharded.optimizer is optimizer:
                 return which
         raise ValueError("this optimizer is not one of the engine's")
+
+    def sharded(self, optimizer: torch.optim.Optimizer) -> ShardedOptimizer:
+        """The sharded side of ``optimizer`` (one of the engine's, wrapped or not)."""
+        return self.optimizers[self.index_of(optimizer)]
 
     def _selected(self, optimizer: int | None) -> int | None:
         """``optimizer``, or None (all) when there is only one."""
@@ -303,7 +307,7 @@ class ZeroEngine:
                 value = wholes.get(id(param), param.detach())
                 original.narrow(0, record.offset, record.numel).copy_(value.reshape(-1))
             if not pending:  # built whole on every rank: start from rank 0's values
-                broadcast_from_first([original], self.group)
+                broadcast_from([original], self.group)
             slots = plan.dtypes
             flat = original if slots.storage == original.dtype else original.to(slots.storage)
             # Stage 3's unit slices outlive the full buffer; see [Note: persistent parameters].
@@ -316,7 +320,7 @@ class ZeroEngine:
                 else:
                     bucket.master = value.to(slots.master, copy=True) if slots.separate_master else bucket.shard
         others = [param.data for bucket in self.buckets if not bucket.is_flat for param in bucket.params]
-        broadcast_from_first(others + [buffer for _, buffer in self.module.named_buffers()], self.group)
+        broadcast_from(others + [buffer for _, buffer in self.module.named_buffers()], self.group)
 
     def _assemble(self, params: list[torch.nn.Parameter], chunks: list[PendingChunk]) -> list[torch.Tensor]:
         """Whole values of parameters built under ``sharded_init``, from every rank's chunks (one
@@ -358,13 +362,19 @@ class ZeroEngine:
         had a gradient on some rank, which buckets hold late gradients ([Note: observed order]), whether
         each rank's loss and gradient shards were finite, and (stage 3) the units each rank's forward ran.
         """
-        if self._flags is None:
-            self._finish_window()
+        self._window_flags()
         for bucket in self._buckets_of(self._selected(optimizer)):
             if bucket.index not in self._divided:
                 assert bucket.grad_shard is not None
                 bucket.grad_shard.div_(self.world_size * self.loss_scale)
                 self._divided.add(bucket.index)
+
+    def _window_flags(self) -> _StepFlags:
+        """This window's flags, exchanged once: the first call finishes the window's reductions."""
+        if self._flags is None:
+            self._finish_window()
+        assert self._flags is not None
+        return self._flags
 
     def _finish_window(self) -> None:
         self._check_trainability_unchanged()
@@ -428,10 +438,8 @@ class ZeroEngine:
     def nonfinite_ranks(self) -> tuple[list[int], list[int]]:
         """The ranks whose loss (``loss_nonfinite``) and whose reduced gradient shard were not finite in this
         window: read from the step's flag exchange, so every rank takes the same decision."""
-        if self._flags is None:
-            self._finish_window()
-        assert self._flags is not None
-        return self._flags.loss_nonfinite, self._flags.grad_nonfinite
+        flags = self._window_flags()
+        return flags.loss_nonfinite, flags.grad_nonfinite
 
     def _check_params_in_place(self) -> None:
         """Raise on every rank if the module replaced or cast one of its parameters after setup on any rank
@@ -460,8 +468,7 @@ class ZeroEngine:
     def nonfinite_params(self) -> list[str]:
         """Names of the parameters whose reduced gradient slice is not finite on any rank (a collective: call
         it on every rank, after ``nonfinite_ranks``)."""
-        if self._flags is None:
-            self._finish_window()
+        self._window_flags()
         mine = []
         for bucket in self.trainable_buckets:
             if bucket.grad_shard is None or bool(torch.isfinite(bucket.grad_shard).all()):
@@ -480,14 +487,13 @@ class ZeroEngine:
     def _check_trainability_unchanged(self) -> None:
         """A frozen parameter made trainable would be neither reduced nor stepped: refuse. A trainable one
         frozen for a while (``toggle_optimizer``) just has no gradient."""
-        for record in self.layout.params:
-            planned = self.layout.buckets[record.bucket].key.requires_grad
-            if self.params[record.index].requires_grad and not planned:
-                raise RuntimeError(
-                    f"{record.fqn}.requires_grad changed from {planned} after ZeRO planned its buckets, during this "
-                    "step; its gradient would be neither reduced nor stepped. Unfreeze between steps (the strategies "
-                    "re-plan then; with the bare engine call engine.replan()), see [Note: re-planning]."
-                )
+        unfrozen = self._unfrozen()
+        if unfrozen is not None:
+            raise RuntimeError(
+                f"{unfrozen}.requires_grad changed from False after ZeRO planned its buckets, during this step; its "
+                "gradient would be neither reduced nor stepped. Unfreeze between steps (the strategies re-plan "
+                "then; with the bare engine call engine.replan()), see [Note: re-planning]."
+            )
 
     def grad_shards(self, optimizer: int | None = None) -> list[torch.Tensor]:
         """This rank's averaged gradient slices, one 1-D tensor per trainable bucket (of ``optimizer``)."""
@@ -921,14 +927,15 @@ class ZeroEngine:
             groups = sharded.optimizer.param_groups
             if len(groups) != len(sharded.views):
                 return f"optimizer {which} has {len(groups)} param groups, planned with {len(sharded.views)}"
-            for index, (group, views) in enumerate(zip(groups, sharded.views)):
-                if group["params"] is not views or len(views) != sharded.view_counts[index]:
+            for index, group in enumerate(groups):
+                if sharded.planned_names(group) is None:
                     return f"param group {index} of optimizer {which} holds other tensors than planned"
-        if any(param.requires_grad for param in self._planned_frozen):
-            names = [r.fqn for r in self.layout.params if self.params[r.index].requires_grad
-                     and not self.layout.buckets[r.bucket].key.requires_grad]
-            return f"{names[0]} requires gradients now and was frozen when planned"
-        return None
+        unfrozen = self._unfrozen()
+        return None if unfrozen is None else f"{unfrozen} requires gradients now and was frozen when planned"
+
+    def _unfrozen(self) -> str | None:
+        """The first parameter frozen at planning time that requires gradients now (None: none)."""
+        return next((fqn for fqn, param in self._planned_frozen if param.requires_grad), None)
 
     def module_param_groups(self, groups: list[dict[str, Any]]) -> list[dict[str, Any]]:
         """``groups`` (one optimizer's ``param_groups``) with the module's parameters in place of this rank's
@@ -936,8 +943,8 @@ class ZeroEngine:
         named = dict(self.module.named_parameters())
         translated = []
         for group in groups:
-            names = next((sharded.param_fqns[i] for sharded in self.optimizers
-                          for i, views in enumerate(sharded.views) if group["params"] is views), None)
+            found = (sharded.planned_names(group) for sharded in self.optimizers)
+            names = next((names for names in found if names is not None), None)
             translated.append(group if names is None else {**group, "params": [named[n] for n in names]})
         return translated
 
@@ -950,16 +957,17 @@ class ZeroEngine:
         named = dict(self.module.named_parameters())
         states = [sharded.full_state_dict(self.group) for sharded in self.optimizers]
         optimizers = [sharded.optimizer for sharded in self.optimizers]
-        planned = [(sharded.views, sharded.param_fqns) for sharded in self.optimizers]
+        planned = [[sharded.planned_names(group) for group in sharded.optimizer.param_groups]
+                   for sharded in self.optimizers]
         self.close()
         for fqn, param in named.items():
             param.data = whole[fqn].to(self.device)
-        for optimizer, state, (views, names) in zip(optimizers, states, planned):
-            for index, group in enumerate(optimizer.param_groups):
-                if index < len(views) and len(group["params"]) == len(views[index]) and all(
-                        a is b for a, b in zip(group["params"], views[index])):
-                    group["params"] = [named[fqn] for fqn in names[index]]
-                elif any(all(p is not q for q in named.values()) for p in group["params"]):
+        own = {id(param) for param in named.values()}
+        for optimizer, state, names in zip(optimizers, states, planned):
+            for index, (group, planned_names) in enumerate(zip(optimizer.param_groups, names)):
+                if planned_names is not None:
+                    group["params"] = [named[fqn] for fqn in planned_names]
+                elif any(id(p) not in own for p in group["params"]):
                     raise ValueError(f"param group {index} holds tensors that are not parameters of the module; "
                                      "add parameters of the module (module.parameters())")
             optimizer.state.clear()

@@ -17,7 +17,7 @@ from torch import optim
 from torch.optim import optimizer as torch_optimizer
 
 from lightning_zero.sharding.bucket import FlatBucket, OptimizerEntry
-from lightning_zero.sharding.collectives import all_gather_into, all_gather_objects, broadcast_from_first
+from lightning_zero.sharding.collectives import all_gather_into, all_gather_objects, broadcast_from
 from lightning_zero.sharding.layout import Bucket, Layout
 from lightning_zero.sharding.state import FullSource, StateSource
 
@@ -185,7 +185,7 @@ class ShardedOptimizer:
                 views.extend(entry.master for entry in bucket.entries)
             group["params"] = views
             self.views.append(views)
-        self.view_counts = [len(views) for views in self.views]
+        self._view_counts = [len(views) for views in self.views]
         optimizer.state.clear()
         #: Every parameter's shape by FQN, for sources that hold optimizer state only.
         self.shapes = {record.fqn: record.shape for record in layout.params}
@@ -302,7 +302,7 @@ class ShardedOptimizer:
                     value = self.optimizer.state[masters[index]][key].to(self.device, copy=True)
                 else:
                     value = torch.empty(shape, dtype=dtype, device=self.device)
-                broadcast_from_first([value], group, source=owner)
+                broadcast_from([value], group, source=owner)
                 if keep:
                     state[record.fqn][key] = value.to("cpu", copy=True)
 
@@ -310,6 +310,14 @@ class ShardedOptimizer:
         """The param groups' settings, each with the FQNs of its parameters in place of tensors."""
         return [{**{k: v for k, v in g.items() if k != "params"}, "params": list(names)}
                 for g, names in zip(self.optimizer.param_groups, self.param_fqns)]
+
+    def planned_names(self, group: Mapping[str, Any]) -> list[str] | None:
+        """The FQNs of the parameters in ``group``, if it is one of this optimizer's groups still holding the
+        slices it was re-pointed at (None: a group added, replaced or edited since; see [Note: re-planning])."""
+        for views, count, names in zip(self.views, self._view_counts, self.param_fqns):
+            if group["params"] is views and len(views) == count:
+                return names
+        return None
 
     def own_groups(self, groups: Sequence[Mapping[str, Any]]) -> Sequence[Mapping[str, Any]]:
         """This optimizer's saved groups: ``groups`` themselves, or this optimizer's run of them where several
