@@ -48,9 +48,9 @@ class ZeroConfig:
     ``eval_gather``: stage 3 in evaluation loops (``begin_evaluation``): ``"unit"`` gathers each unit around
     its forward as training does, and ranks may run different numbers of forward calls; ``"whole"`` gathers
     the whole model once per loop (see [Note: agreed gathers]).
-    ``check_gathers``: stage 3, debugging: every training forward of a unit first checks that every rank
-    runs the same unit, naming the first divergence (one small collective per unit); without it, only the
-    first optimizer step's forwards are checked.
+    ``check_gathers``: stage 3, debugging: every unit's training forward, and every backward gather, waits
+    for the other ranks' announcement before it runs, naming the first divergence. Without it the forwards
+    are still announced and checked, off the critical path (see [Note: unit announcements]).
     """
 
     stage: int = 2

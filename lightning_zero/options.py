@@ -53,9 +53,10 @@ OPTIONS_DOC = """stage: 1 shards optimizer state, 2 also gradients, 3 also param
             different lengths): each unit's forward agrees with the other ranks first (one all-gather of two
             integers per rank), and a rank that is done serves the others' gathers until every rank is. "whole"
             gathers the whole model once per loop: faster, but every rank holds the whole model.
-        check_gathers: stage 3 only, for debugging: every unit's training forward first checks that every rank
-            runs the same unit, and names the first divergence at once (one small collective per unit);
-            without it only the first optimizer step's forwards are checked so.
+        check_gathers: stage 3 only, for debugging: every unit's training forward, and every backward
+            gather, waits for the other ranks' announcement of theirs before it runs, naming the first
+            divergence. Without it, training forwards are still announced and checked across ranks, one unit
+            later and off the critical path, so a module run on some ranks only is named either way.
         after_fit: stage 3 only: what the module holds when training ends (the end of ``fit``, Fabric's
             ``strategy.teardown()``). "whole" (default): whole weights (master precision) on every rank's device,
             as under ``ddp``. "sharded": only this rank's slices, as during training, so the whole model is never

@@ -146,20 +146,23 @@ def test_ranks_running_different_modules_in_evaluation_fail_together_naming_them
     assert pools(2).run(per_rank_heads_in_evaluation, "whole") == ["fitted", "fitted"]
 
 
-def divergent_training_forward(check: bool, common_steps: int, wide_b: bool = False) -> dict[str, Any]:
-    """After ``common_steps`` steps alike, rank 1 runs another head (4 outputs, or 8 with ``wide_b``)."""
+def divergent_training_forward(check: bool, common_steps: int, case: str) -> dict[str, Any]:
+    """After ``common_steps`` steps alike, rank 1 runs another head (``case`` "equal": of the same size,
+    "wide": of another size), or no head at all ("exit", an early exit)."""
     torch.manual_seed(0)
     model = nn.ModuleDict({"trunk": nn.Linear(16, 16), "head_a": nn.Linear(16, 4),
-                           "head_b": nn.Linear(16, 8 if wide_b else 4)})
+                           "head_b": nn.Linear(16, 8 if case == "wide" else 4)})
     engine = ZeroEngine(model, torch.optim.SGD(model.parameters(), lr=0.1),
                         ZeroConfig(stage=3, persist_numel=0, check_gathers=check))
     for _ in range(common_steps):
         model["head_a"](model["trunk"](torch.randn(2, 16))).sum().backward()
         engine.step()
+    before = [b.shard.clone() for b in engine.buckets]
     reached = "nothing"
     try:
         out = model["trunk"](torch.randn(2, 16))
-        out = (model["head_a"] if dist.get_rank() == 0 else model["head_b"])(out)
+        if dist.get_rank() == 0 or case != "exit":
+            out = (model["head_a"] if dist.get_rank() == 0 else model["head_b"])(out)
         reached = "backward"
         out.sum().backward()
         reached = "step"
@@ -167,20 +170,65 @@ def divergent_training_forward(check: bool, common_steps: int, wide_b: bool = Fa
         error = ""
     except RuntimeError as exc:
         error = str(exc)
+    unchanged = all(torch.equal(b.shard, saved) for b, saved in zip(engine.buckets, before))
     engine.close()
-    return {"error": error, "reached": reached}
+    return {"error": error, "reached": reached, "unchanged": unchanged}
 
 
-def test_a_training_divergence_is_named_at_its_forward_in_the_first_step_or_with_check_gathers(pools) -> None:
-    """Heads of different sizes would abort inside gloo ("Received data size doesn't match"), and heads of
-    equal sizes pair their gathers: the first step, and every step with ``check_gathers``, agree each unit
-    first, so every rank raises at the forward, naming both."""
-    for check, common_steps, wide_b in ((False, 0, True), (False, 0, False), (True, 2, True)):
-        for result in pools(2).run(divergent_training_forward, check, common_steps, wide_b):
+@pytest.mark.parametrize("case", ["equal", "wide", "exit"])
+@pytest.mark.parametrize(("check", "common_steps"), [(False, 0), (False, 3), (True, 3)])
+def test_a_training_divergence_is_named_at_once_on_every_rank(pools, check: bool, common_steps: int,
+                                                               case: str) -> None:
+    """Heads of different sizes would abort inside gloo ("Received data size doesn't match"), heads of equal
+    sizes would pair their gathers, and an early exit would pair a gather with a gradient reduction: the
+    units' announcements (see [Note: unit announcements]) make every rank raise first, in the first step or
+    any later one, naming both, with no weight changed."""
+    start = time.perf_counter()
+    results = pools(2).run(divergent_training_forward, check, common_steps, case)
+    print(f"{case}, after {common_steps} steps, check_gathers={check}: {time.perf_counter() - start:.2f}s, "
+          f"{results[0]['error']}")
+    for result in results:
+        assert result["unchanged"], result
+        if case == "exit":  # rank 1 learns it at its backward, rank 0 after the head's forward
+            assert result["reached"] == ("nothing" if result is results[0] else "backward"), result
+            assert ("rank 0 was about to run 'head_a' (68 elements) as unit call 2 of its forward; rank 1 had "
+                    "ended its forward after 1 unit call. No gather was paired") in result["error"], result
+        else:
             assert result["reached"] == "nothing", result
-            assert "rank 0 was about to run 'head_a' (68 elements); rank 1 was about to run 'head_b' (" in result[
-                "error"], result
+            assert ("rank 0 was about to run 'head_a' (68 elements) as unit call 2 of its forward; rank 1 was "
+                    f"about to run 'head_b' ({136 if case == 'wide' else 68} elements)") in result["error"], result
+        assert "run every module on every rank" in result["error"]
 
+
+class EarlyExit(Blocks):
+    """From optimizer step 3 on, rank 1 skips the last block in training (an early exit)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for index, block in enumerate(self.blocks):
+            if self.training and self.global_rank == 1 and self.global_step >= 3 and index == BLOCKS - 1:
+                break
+            x = x + block(x)
+        return self.head_a(x)
+
+
+def fit_early_exit() -> dict[str, Any]:
+    fit = trainer(ZeroStrategy(stage=3, persist_numel=0), max_steps=6)
+    start = time.perf_counter()
+    try:
+        fit.fit(EarlyExit(), rows(6, 0))
+        error = ""
+    except UnitDivergenceError as exc:
+        error = str(exc)
+    return {"error": error, "step": fit.global_step, "seconds": time.perf_counter() - start}
+
+
+def test_an_early_exit_after_some_steps_fails_every_rank_at_once_through_the_trainer(pools) -> None:
+    results = pools(2).run(fit_early_exit)
+    print(f"{results[0]['seconds']:.1f}s: {results[0]['error']}")
+    for result in results:
+        assert result["step"] == 3, result  # three steps trained, the fourth refused before any gather
+        assert (f"rank 0 was about to run 'blocks.{BLOCKS - 1}' (1200 elements) as unit call {BLOCKS} of its "
+                "forward; rank 1 was about to run 'head_a' (25 elements)") in result["error"], result
 
 
 def timed_steps(check: bool, steps: int = 30) -> tuple[float, int]:
@@ -195,18 +243,20 @@ def timed_steps(check: bool, steps: int = 30) -> tuple[float, int]:
         engine.step()
         times.append(time.perf_counter() - begin)
     assert engine.sharder is not None
-    agreements = engine.sharder.agreements
+    announcements = engine.sharder.announcements
     engine.close()
-    return sorted(times[5:])[len(times[5:]) // 2], agreements
+    return sorted(times[5:])[len(times[5:]) // 2], announcements
 
 
 def test_check_gathers_cost_is_measured(pools) -> None:
-    """Not a speed target: prints what the debugging check costs per step on 12 units (2 ranks, gloo)."""
+    """Not a speed target: prints what the announcements cost per step on 12 units (2 ranks, gloo), and
+    the debugging check on top of them."""
     medians: dict[bool, float] = {}
     for check in (False, True, False, True):  # interleaved; the later run of each counts
         results = pools(2).run(timed_steps, check)
         medians[check] = max(median for median, _ in results)
-        assert all(agreements == 12 * (30 if check else 1) for _, agreements in results), results
+        # each unit's forward, "forward over", and with the check each unit's backward gather
+        assert all(count == 30 * (12 + 1 + (12 if check else 0)) for _, count in results), results
     print(f"check_gathers: median step {medians[True] * 1e3:.2f} ms against {medians[False] * 1e3:.2f} ms "
           f"without ({medians[True] / medians[False]:.2f}x), 12 units, 2 ranks on gloo")
 

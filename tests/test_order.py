@@ -144,8 +144,9 @@ def divergent_heads() -> dict[str, object]:
 
 def test_stage3_refuses_ranks_running_different_modules(pools) -> None:
     for result in pools(2).run(divergent_heads):
-        # the first step agrees every unit's forward (see [Note: agreed gathers])
-        assert "rank 0 was about to run 'head_a' (68 elements); rank 1 was about to run 'head_b'" in result["error"]
+        # every unit's forward is announced (see [Note: unit announcements])
+        assert ("rank 0 was about to run 'head_a' (68 elements) as unit call 2 of its forward; rank 1 was about "
+                "to run 'head_b'") in result["error"]
         assert "No gather was paired across different modules" in result["error"] and result["unchanged"]
 
 

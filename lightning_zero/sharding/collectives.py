@@ -38,6 +38,7 @@ from lightning_zero.sharding.whereabouts import describe_ranks
 __all__ = [
     "CollectiveError",
     "Comm",
+    "FlagExchange",
     "Handle",
     "all_gather_into",
     "all_gather_objects",
@@ -46,6 +47,7 @@ __all__ = [
     "broadcast_object",
     "broadcast_from",
     "exchange_flags",
+    "host_group",
     "traffic",
     "wait_all",
 ]
@@ -306,12 +308,14 @@ def broadcast_from(tensors: list[torch.Tensor], group: ProcessGroup | None, sour
     wait_all([dist.broadcast(t, src=src, group=group, async_op=True) for t in tensors])
 
 
-def _same_ranks(group: ProcessGroup | None) -> ProcessGroup:
-    """A new group over ``group``'s ranks, on its backend and with its timeout (a collective: every rank)."""
+def _same_ranks(group: ProcessGroup | None, backend: str | None = None) -> ProcessGroup:
+    """A new group over ``group``'s ranks, on ``backend`` (default: its own) and with its timeout (a
+    collective: every rank)."""
     ranks = dist.get_process_group_ranks(group) if group is not None else list(range(dist.get_world_size()))
-    backend = dist.get_backend(group)
+    own = dist.get_backend(group)
+    backend = backend or own
     try:  # the timeout ZeroStrategy(timeout=...) gave the default group; private, hence the fallback
-        device = torch.device("cuda") if backend == "nccl" else torch.device("cpu")
+        device = torch.device("cuda") if own == "nccl" else torch.device("cpu")
         timeout = (group or dist.group.WORLD)._get_backend(device).options._timeout  # type: ignore[union-attr]
     except (AttributeError, RuntimeError):
         timeout = None
@@ -405,11 +409,28 @@ _gather_flags = _gather_small = _all_gather
 _broadcast_small = dist.broadcast
 
 
+class FlagExchange:
+    """Every rank's 1-D ``local`` (small integer flags) on its way to every rank; ``rows()`` waits for it."""
+
+    def __init__(self, local: torch.Tensor, group: ProcessGroup | None) -> None:
+        self.world = dist.get_world_size(group)
+        self.gathered = local.new_empty(self.world * local.numel())
+        _count("all_gather", self.gathered)
+        self.work = _gather_flags(self.gathered, local, group=group, async_op=True)
+
+    def rows(self, what: str = "") -> torch.Tensor:
+        """The (world, n) flags on the host (one wait and one host read)."""
+        wait_all([self.work], what)
+        return self.gathered.view(self.world, -1).cpu()
+
+
 def exchange_flags(local: torch.Tensor, group: ProcessGroup | None) -> torch.Tensor:
     """Every rank's 1-D ``local`` (small integer flags), as a (world, n) tensor on the host: one all-gather
     and one host read, the step's only ones (see ``ZeroEngine.reduce_gradients``)."""
-    world = dist.get_world_size(group)
-    gathered = local.new_empty(world * local.numel())
-    _count("all_gather", gathered)
-    wait_all([_gather_flags(gathered, local, group=group, async_op=True)])
-    return gathered.view(world, local.numel()).cpu()
+    return FlagExchange(local, group).rows()
+
+
+def host_group(group: ProcessGroup | None) -> ProcessGroup | None:
+    """``group`` where it is gloo, else a gloo group over its ranks (a collective: every rank): small host
+    flags exchanged there need no device synchronisation."""
+    return group if dist.get_backend(group) == "gloo" else _same_ranks(group, backend="gloo")

@@ -191,6 +191,7 @@ class ZeroEngine:
         self.reducer = GradientReducer(
             self.buckets, self.layout, self.comm, self.config.stage, self.reduce_policy,
             on_launch=self.sharder.release_bucket if self.sharder is not None else None,
+            before_launch=self.sharder.settle if self.sharder is not None else None,
         )
         if self.offload:
             for bucket in self.trainable_buckets:
@@ -377,6 +378,8 @@ class ZeroEngine:
         return self._flags
 
     def _finish_window(self) -> None:
+        if self.sharder is not None:
+            self.sharder.settle()
         self._check_trainability_unchanged()
         self.reducer.finish()
         flags = self._exchange_flags()

@@ -53,6 +53,7 @@ class GradientReducer:
         stage: int,
         policy: ReducePolicy,
         on_launch: Callable[[FlatBucket], None] | None = None,
+        before_launch: Callable[[], None] | None = None,
     ) -> None:
         self.layout = layout
         self.comm = comm
@@ -76,6 +77,7 @@ class GradientReducer:
         self._complete_waiting = 0  # complete buckets behind an incomplete head
         self._pending: deque[FlatBucket] = deque()
         self._on_launch = on_launch
+        self._before_launch = before_launch
         self._handles = []
         for bucket in trainable:
             bucket.init_grads(stage, self._reduces_in_place(bucket))
@@ -164,6 +166,8 @@ class GradientReducer:
     def _launch(self, bucket: FlatBucket) -> None:
         """Hand ``bucket`` to a reduce-scatter; launches happen in ``order`` on every rank."""
         complete = bucket.missing == 0
+        if self._before_launch is not None:
+            self._before_launch()  # stage 3: the ranks agree that their forwards ended (ParameterSharder.settle)
         bucket.reduce(self.comm)
         self._next_launch += 1
         if complete and self._on_launch is not None:

@@ -34,11 +34,28 @@ does for DDP) by announcing that it is done and mirroring the unit the others an
 gather, prefetch and release calls, until every rank is done. Ranks that announce different units raise
 together, naming them, instead of pairing one module's gather with another's. Prefetch follows the unit
 that came after the announced one the last time (registration order at first): a function of the agreed
-history, so every rank prefetches alike. The first optimizer step's training forwards are agreed too, so
-a model that runs a module per rank (a head per task) fails there, naming the modules, instead of pairing
-their gathers (equal sizes: caught at the step, by the order hash) or aborting inside gloo (different
-sizes). ``check_gathers`` agrees every training forward, as a debugging aid for divergences that appear
-later (one small collective per unit).
+history, so every rank prefetches alike.
+
+[Note: unit announcements]
+Training forwards are equal in number on every rank, but which units a forward runs may still depend on
+the rank or the data (a head per task, an early exit, routing). A gather of one module paired with another
+module's aborts inside gloo ("Received data size doesn't match"), hangs on NCCL, or, for equal sizes,
+silently mixes weights. So in training every unit's forward announces (code, call number) to the other
+ranks, where code is the unit's position + 1 (0: "my forward is over"; negative: a backward gather, with
+``check_gathers``): a 2-integer all-gather on a gloo group over host memory, started and not waited for.
+The rule that keeps every collective paired is: a rank starts a collective the others might not start only
+after it has waited for every announcement so far and found them equal. So:
+- a unit whose buckets were prefetched (the common case) waits for nothing before computing; its
+  announcement is checked in its post-forward hook, where it has long arrived, and only then is the unit
+  after next prefetched (a function of the checked history, so every rank starts the same gathers);
+- a unit that must gather (a prefetch miss, a first step) waits for its announcement first;
+- the first backward hook, gradient launch or optimizer step announces "forward over" and waits, so a rank
+  that ends its forward early pairs that with the other ranks' next unit instead of a gradient reduction.
+Ranks that announced differently raise together, naming each rank's module (or that its forward ended) and
+the fix, before any gather pairs different modules and before any weight changes. The cost is one small
+collective per unit forward, off the critical path when the prefetch hits, and one wait per backward.
+``check_gathers`` also announces every backward gather and waits for each announcement at once: a debugging
+aid for a backward that differs between ranks.
 """
 
 from __future__ import annotations
@@ -51,7 +68,7 @@ from torch.utils._pytree import tree_leaves
 from torch.utils.hooks import RemovableHandle
 
 from lightning_zero.sharding.bucket import FlatBucket, ParamState
-from lightning_zero.sharding.collectives import Comm, exchange_flags
+from lightning_zero.sharding.collectives import Comm, FlagExchange, exchange_flags, host_group
 from lightning_zero.sharding.init import pending_chunks
 from lightning_zero.sharding.layout import ByModule
 
@@ -158,10 +175,15 @@ class ParameterSharder:
         self.buckets = buckets  # indexed by bucket index; every bucket is flat under stage 3
         self.comm = comm
         self.check_gathers = check_gathers
+        # See [Note: unit announcements]: the announcements on their way, whether this forward is settled,
+        # and the group they travel on (host memory: no device synchronisation).
+        self._announced: list[tuple[FlagExchange, int]] = []
+        self._settled = True
+        self.announcements = 0
+        self._host_group = host_group(comm.group)
         # See [Note: agreed gathers]: inside an evaluation loop, the units open on this rank (innermost last),
         # the unit that followed each one last time, and how many agreements were made.
         self.evaluating = False
-        self._unchecked_steps = 0  # optimizer steps taken; the first one's forwards are always agreed
         self._open: list[int] = []
         self._next_unit: dict[int, int] = {p: p + 1 for p in range(len(units) - 1)}
         self._last_agreed = -1
@@ -206,7 +228,7 @@ class ParameterSharder:
 
     def _hook(self, module: torch.nn.Module, position: int, needed: list[int]) -> None:
         self._handles.append(module.register_forward_pre_hook(self._pre_forward(position, needed)))
-        self._handles.append(module.register_forward_hook(self._post_forward(needed)))
+        self._handles.append(module.register_forward_hook(self._post_forward(position, needed)))
 
     # ------------------------------------------------------------------ gather / release
     def _start(self, buckets: Iterable[int]) -> None:
@@ -242,7 +264,6 @@ class ParameterSharder:
     def after_step(self) -> None:
         """The slices changed: full copies still held (a forward whose backward never ran, a no-grad loop's)
         are stale. Drop them, or gather them again inside a no-grad loop, and refresh the persistent ones."""
-        self._unchecked_steps += 1
         stale = sorted(self.gathered - self.persistent)
         for index in stale:
             self.buckets[index].reshard()
@@ -281,31 +302,36 @@ class ParameterSharder:
                         "torch.no_grad() (the Trainer does), or use eval_gather='whole' for loops that backpropagate")
                 self._open_agreed(self._agree(position, len(self._open)))
                 return
-            if (self.check_gathers or self._unchecked_steps == 0) and not self.hold_all:
-                self._agree(position, 0)
-            self.gather(needed)
             if self.hold_all:
+                self.gather(needed)  # already whole: no collective
                 return
+            self._announce(position + 1)
+            missing = any(self.buckets[i].param_state is ParamState.SHARDED for i in needed)
+            if missing or self.check_gathers:
+                self._verify()  # before this rank starts a gather the others may not
+            self.gather(needed)
             self.window_units.append(position)
             self._last_position[key] = len(self._order)
             self._order.append(key)
-            if len(self._order) < len(self._previous_order):
-                self.prefetch(self._previous_order[len(self._order)])
+            if missing:
+                self._prefetch_ahead(0)
 
         return hook
 
-    def _post_forward(self, needed: list[int]):  # noqa: ANN202
+    def _post_forward(self, position: int, needed: list[int]):  # noqa: ANN202
         frozen = [index for index in needed if not self.buckets[index].trainable and not self.buckets[index].persistent]
 
         def hook(module: torch.nn.Module, args: object, output: object) -> None:
             if self.evaluating:
                 self._close_innermost()
                 return
+            if not self.hold_all:
+                self._verify()  # this unit's announcement, long since arrived: no wait in practice
             backward_follows = False
             if torch.is_grad_enabled():
                 for tensor in _tensors_in(output):
                     if tensor.grad_fn is not None:  # made by this forward (not a parameter passed through)
-                        tensor.register_hook(self._pre_backward(needed))
+                        tensor.register_hook(self._pre_backward(position, needed))
                         backward_follows = True
                 if backward_follows and frozen:
                     self._release_after_backward(args, frozen)
@@ -317,22 +343,60 @@ class ParameterSharder:
             # needs: it stays gathered, one all-gather fewer per step (FSDP2 does not reshard its root either).
             if not (backward_follows and len(self._order) == len(self._previous_order) and not self.hold_all):
                 self.release(needed)
+            if not self.hold_all:
+                self._prefetch_ahead(1)
 
         return hook
 
-    def _pre_backward(self, needed: list[int]):  # noqa: ANN202
+    def _pre_backward(self, position: int, needed: list[int]):  # noqa: ANN202
         key = tuple(needed)
 
         def hook(grad: torch.Tensor) -> None:
             if not self._callback_queued:
                 self._callback_queued = True
                 torch.autograd.Variable._execution_engine.queue_callback(self._end_of_backward)
+            self.settle()
+            if self.check_gathers:
+                self._announce(-position - 1)
+                self._verify()
             self.gather(needed)
-            position = self._last_position.get(key, 0)
-            if position > 0:
-                self.prefetch(self._order[position - 1])
+            called = self._last_position.get(key, 0)
+            if called > 0:
+                self.prefetch(self._order[called - 1])
 
         return hook
+
+    # ------------------------------------------------------------------ announcements
+    def _announce(self, code: int) -> None:
+        """Start telling the other ranks what this rank does next (see [Note: unit announcements])."""
+        mine = torch.tensor([code, len(self._order)], dtype=torch.int64)
+        self._announced.append((FlagExchange(mine, self._host_group), code))
+        self.announcements += 1
+        if code > 0:
+            self._settled = False
+
+    def _verify(self) -> None:
+        """Wait for the announcements on their way; raise on every rank if the ranks announced different
+        things."""
+        announced, self._announced = self._announced, []
+        for exchange, _ in announced:
+            rows = [tuple(row) for row in exchange.rows("the other ranks' next stage 3 unit").tolist()]
+            if len(set(rows)) > 1:
+                raise self._divergence(rows)
+
+    def settle(self) -> None:
+        """This rank's forward is over (a backward or an optimizer step begins): agree on that with the
+        other ranks before any collective of the backward or step. Once per forward; a collective."""
+        if not self._settled and not self.hold_all and not self.evaluating:
+            self._announce(0)
+            self._verify()
+            self._settled = True
+
+    def _prefetch_ahead(self, distance: int) -> None:
+        """Start gathering the unit ``distance`` after the next one in the previous forward's order."""
+        ahead = len(self._order) + distance
+        if ahead < len(self._previous_order):
+            self.prefetch(self._previous_order[ahead])
 
     def _release_after_backward(self, inputs: object, frozen: list[int]) -> None:
         """[Note: frozen units] Frozen buckets get no gradient, so the reducer never releases them: release
@@ -409,19 +473,28 @@ class ParameterSharder:
             self.release(self._needed[self._open.pop()])
 
     def _divergence(self, rows: list[tuple[int, ...]]) -> UnitDivergenceError:
-        def said(row: tuple[int, ...]) -> str:
-            if row[0] == 0:
-                return "nothing (its loop was done)"
-            return f"'{self.units[row[0] - 1]}' ({self._unit_numel[row[0] - 1]} elements)"
+        def unit(position: int) -> str:
+            return f"'{self.units[position]}' ({self._unit_numel[position]} elements)"
 
-        ranks = "; ".join(f"rank {rank} was about to run {said(row)}" for rank, row in enumerate(rows))
-        where = "an evaluation loop" if self.evaluating else "a training forward"
+        def said(row: tuple[int, ...]) -> str:
+            code, calls = row
+            if self.evaluating:
+                return f"was about to run {unit(code - 1)}" if code else "had nothing to run (its loop was done)"
+            if code > 0:
+                return f"was about to run {unit(code - 1)} as unit call {calls + 1} of its forward"
+            if code < 0:
+                return f"was about to gather {unit(-code - 1)} for its backward"
+            return f"had ended its forward after {calls} unit call{'' if calls == 1 else 's'}"
+
+        ranks = "; ".join(f"rank {rank} {said(row)}" for rank, row in enumerate(rows))
+        where = "an evaluation loop" if self.evaluating else "training"
         fix = ("ZeroStrategy(eval_gather='whole') gathers the whole model once per evaluation loop, so any "
                "rank may run any module there" if self.evaluating else
-               "run every module on every rank (compute every head and select the output), or use stage 2")
+               "run every module on every rank (compute every head and mask or select the output), or use zero1/zero2, "
+               "which allow it")
         return UnitDivergenceError(
-            f"ZeRO stage 3 needs every rank to run the same modules in the same order, but in {where} (unit "
-            f"agreement {self.agreements}) {ranks}. No gather was paired across different modules. Fix: {fix}."
+            f"ZeRO stage 3 needs every rank to run the same modules in the same order, but in {where} {ranks}. "
+            f"No gather was paired across different modules and no weight was updated. Fix: {fix}."
         )
 
     def remove_hooks(self) -> None:
