@@ -10,7 +10,8 @@ import torch
 
 __all__ = [
     "CommPath", "DtypeSlots", "EvalGatherName",
-    "OffloadName", "PrecisionName", "PrecisionPolicy", "ReducePolicyName", "ZeroConfig", "resolve_reduce_policy",
+    "OffloadName", "PrecisionName", "PrecisionPolicy", "ReducePolicyName", "ShardSize", "ZeroConfig",
+    "resolve_reduce_policy",
 ]
 
 ReducePolicyName = Literal["auto", "boundary", "every_micro_batch"]
@@ -22,6 +23,8 @@ _OFFLOADS = ("none", "optimizer")
 EvalGatherName = Literal["unit", "whole"]
 _EVAL_GATHERS = ("unit", "whole")
 _STAGES = (1, 2, 3)
+#: Ranks per sharding group (see [Note: hybrid sharding]): an int, "node", or None for the whole world.
+ShardSize = int | Literal["node"] | None
 
 
 @dataclass(frozen=True)
@@ -51,6 +54,10 @@ class ZeroConfig:
     ``check_gathers``: stage 3, debugging: every unit's training forward, and every backward gather, waits
     for the other ranks' announcement before it runs, naming the first divergence. Without it the forwards
     are still announced and checked, off the critical path (see [Note: unit announcements]).
+    ``shard_size``: ranks per sharding group. ``None`` (default) shards over every rank; an int S dividing
+    the world size makes groups of S consecutive ranks that each shard as above and hold replicas of each
+    other (hybrid sharding: gathers stay inside a group, and only the owned gradient slice is all-reduced
+    across groups); ``"node"``: the processes of one node (see [Note: hybrid sharding]).
     """
 
     stage: int = 2
@@ -63,6 +70,7 @@ class ZeroConfig:
     comm: CommPath = "auto"
     eval_gather: EvalGatherName = "unit"
     check_gathers: bool = False
+    shard_size: ShardSize = None
 
     def __post_init__(self) -> None:
         if isinstance(self.stage, bool) or not isinstance(self.stage, int) or self.stage not in _STAGES:
@@ -85,6 +93,10 @@ class ZeroConfig:
         if self.eval_gather not in _EVAL_GATHERS:
             raise ValueError(f"eval_gather must be 'unit' (each unit around its forward) or 'whole' (the whole model "
                              f"once per evaluation loop), got {self.eval_gather!r}")
+        if self.shard_size is not None and self.shard_size != "node" and (
+                isinstance(self.shard_size, bool) or not isinstance(self.shard_size, int) or self.shard_size < 1):
+            raise ValueError(f"shard_size must be a positive integer dividing the world size, 'node' (the processes "
+                             f"of one node) or None (the whole world), got {self.shard_size!r}")
         if not isinstance(self.check_gathers, bool):
             raise TypeError(f"check_gathers must be True or False, got {self.check_gathers!r}")
         if self.offload not in _OFFLOADS:

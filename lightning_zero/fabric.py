@@ -39,7 +39,7 @@ from lightning_zero.checkpoint import (
     save_sharded,
     saved_entries,
 )
-from lightning_zero.config import ReducePolicyName
+from lightning_zero.config import ReducePolicyName, ShardSize
 from lightning_zero.options import OPTIONS_DOC, BufferSync, SharedStrategyMethods, StrategyOptions, zero_precision_from
 from lightning_zero.precision import ZeroPrecisionCore, cast_floats
 from lightning_zero.routing import ALL_METHODS, shard_together
@@ -231,11 +231,12 @@ class ZeroFabricStrategy(SharedStrategyMethods, DDPStrategy, _Sharded):
         eval_gather: Literal["unit", "whole"] | None = None,
         check_gathers: bool = False,
         after_fit: Literal["whole", "sharded"] | None = None,
+        shard_size: ShardSize = None,
     ) -> None:
         self.options = StrategyOptions.build(
             stage, reduce_policy, bucket_numel, allow_unknown_optimizer, state_dict_type, nonfinite, unit_numel,
             persist_numel, offload, broadcast_buffers, timeout, start_method, eval_gather, check_gathers,
-            after_fit)
+            after_fit, shard_size)
         self.config = self.options.config
         super().__init__(
             accelerator=accelerator,

@@ -18,7 +18,7 @@ import torch
 import torch.distributed as dist
 from lightning.fabric.plugins.collectives.torch_collective import default_pg_timeout
 
-from lightning_zero.config import ReducePolicyName, ZeroConfig
+from lightning_zero.config import ReducePolicyName, ShardSize, ZeroConfig
 from lightning_zero.precision import ZeroPrecisionCore
 from lightning_zero.sharding.collectives import CollectiveError, broadcast_coalesced, broadcast_object, wait_all
 from lightning_zero.sharding.whereabouts import publish
@@ -63,6 +63,11 @@ OPTIONS_DOC = """stage: 1 shards optimizer state, 2 also gradients, 3 also param
             on one device: ``validate``/``test``/``predict`` after ``fit`` gather per unit, ``save_checkpoint``
             writes the shards, and ``strategy.gathered_parameters()`` or a consolidated checkpoint give whole
             weights. Needs ``start_method="popen"`` (the spawn launchers hand rank 0's weights to the parent).
+        shard_size: ranks per sharding group (hybrid sharding). None (default): shard over every rank. An int S
+            dividing the world size: groups of S consecutive ranks each shard the model and hold replicas of
+            each other, so parameter gathers and gradient reduce-scatters stay inside a group (a node) and only
+            each rank's gradient slice is all-reduced across groups; memory per rank is that of S ranks.
+            "node": the processes of one node.
         offload: "optimizer" keeps each rank's master slices and optimizer state in CPU memory and steps the
             optimizer there (ZeRO-Offload); "none" (default) keeps everything on the device.
         broadcast_buffers: as DDP's ``broadcast_buffers``: every rank takes rank 0's buffers (BatchNorm
@@ -103,6 +108,7 @@ class StrategyOptions:
         eval_gather: str | None = None,
         check_gathers: bool = False,
         after_fit: str | None = None,
+        shard_size: ShardSize = None,
     ) -> StrategyOptions:
         """Validate every option, raising with the fix before any process starts."""
         if after_fit is not None and after_fit not in ("whole", "sharded"):
@@ -133,7 +139,7 @@ class StrategyOptions:
             allow_unknown_optimizer=allow_unknown_optimizer, offload=offload,  # type: ignore[arg-type]
             **({"unit_numel": unit_numel} if unit_numel is not None else {}),
             persist_numel=persist_numel, eval_gather=eval_gather or "unit",  # type: ignore[arg-type]
-            check_gathers=check_gathers,
+            check_gathers=check_gathers, shard_size=shard_size,
         )
         if state_dict_type not in ("sharded", "full"):
             raise ValueError(f"state_dict_type must be 'sharded' or 'full', got {state_dict_type!r}")

@@ -38,7 +38,7 @@ from lightning_zero.checkpoint import (
     save_file_atomically,
     save_sharded,
 )
-from lightning_zero.config import ReducePolicyName
+from lightning_zero.config import ReducePolicyName, ShardSize
 from lightning_zero.options import (
     OPTIONS_DOC,
     BufferSync,
@@ -167,11 +167,12 @@ class ZeroStrategy(SharedStrategyMethods, DDPStrategy):
         eval_gather: Literal["unit", "whole"] | None = None,
         check_gathers: bool = False,
         after_fit: Literal["whole", "sharded"] | None = None,
+        shard_size: ShardSize = None,
     ) -> None:
         self.options = StrategyOptions.build(
             stage, reduce_policy, bucket_numel, allow_unknown_optimizer, state_dict_type, nonfinite, unit_numel,
             persist_numel, offload, broadcast_buffers, timeout, start_method, eval_gather, check_gathers,
-            after_fit)
+            after_fit, shard_size)
         self.config = self.options.config
         super().__init__(
             accelerator=accelerator,

@@ -22,7 +22,10 @@ Worked example, two ranks, one bucket of four elements::
 
 from __future__ import annotations
 
+import itertools
+import os
 import pickle
+import socket
 import sys
 from collections import Counter
 from collections.abc import Iterable
@@ -43,11 +46,14 @@ __all__ = [
     "all_gather_into",
     "all_gather_objects",
     "all_reduce",
+    "all_reduce_across",
     "broadcast_coalesced",
     "broadcast_object",
     "broadcast_from",
     "exchange_flags",
     "host_group",
+    "hybrid_groups",
+    "node_size",
     "traffic",
     "wait_all",
 ]
@@ -309,17 +315,68 @@ def broadcast_from(tensors: list[torch.Tensor], group: ProcessGroup | None, sour
 
 
 def _same_ranks(group: ProcessGroup | None, backend: str | None = None) -> ProcessGroup:
-    """A new group over ``group``'s ranks, on ``backend`` (default: its own) and with its timeout (a
-    collective: every rank)."""
-    ranks = dist.get_process_group_ranks(group) if group is not None else list(range(dist.get_world_size()))
-    own = dist.get_backend(group)
-    backend = backend or own
+    """A new group over ``group``'s ranks, on ``backend`` (default: ``group``'s) and with its timeout. A
+    collective of every rank of the job: where ``group`` is one of several (hybrid sharding's groups), each
+    of them gets its copy, as torch's ``new_group`` needs every rank to create every group."""
+    every = all_gather_objects(_ranks_of(group), None, what="every rank's group")
+    made = None
+    for ranks in dict.fromkeys(tuple(r) for r in every):  # each group once, in the order the ranks gave them
+        copy = _new_group(list(ranks), group, backend)
+        if dist.get_rank() in ranks:
+            made = copy
+    assert made is not None
+    return made
+
+
+def _new_group(ranks: list[int], like: ProcessGroup | None, backend: str | None = None) -> ProcessGroup:
+    """A new group over ``ranks`` on ``backend`` (default: ``like``'s) with ``like``'s timeout; every rank of
+    the job must call it, member or not."""
+    own = dist.get_backend(like)
     try:  # the timeout ZeroStrategy(timeout=...) gave the default group; private, hence the fallback
         device = torch.device("cuda") if own == "nccl" else torch.device("cpu")
-        timeout = (group or dist.group.WORLD)._get_backend(device).options._timeout  # type: ignore[union-attr]
+        timeout = (like or dist.group.WORLD)._get_backend(device).options._timeout  # type: ignore[union-attr]
     except (AttributeError, RuntimeError):
         timeout = None
-    return dist.new_group(ranks=ranks, backend=backend, timeout=timeout)
+    return dist.new_group(ranks=ranks, backend=backend or own, timeout=timeout)
+
+
+def _ranks_of(group: ProcessGroup | None) -> list[int]:
+    return dist.get_process_group_ranks(group) if group is not None else list(range(dist.get_world_size()))
+
+
+def node_size(group: ProcessGroup | None) -> int:
+    """How many of ``group``'s ranks run on each node: ``LOCAL_WORLD_SIZE`` where every rank's launcher set it
+    (torchrun, Lightning's launchers), else the ranks sharing this host's name. Raises unless nodes hold
+    equal runs of consecutive ranks. A collective."""
+    own = os.environ.get("LOCAL_WORLD_SIZE", "")
+    told = all_gather_objects((own, socket.gethostname()), group, what="every rank's node")
+    sizes = {size for size, _ in told}
+    if len(sizes) == 1 and own.isdigit() and int(own) > 0:
+        return int(own)
+    hosts = [host for _, host in told]
+    runs = [len(list(run)) for _, run in itertools.groupby(hosts)]
+    if len(set(runs)) != 1 or len(runs) != len(set(hosts)):
+        raise ValueError(f"shard_size='node' needs every node to run the same number of consecutive ranks; the "
+                         f"ranks' hosts are {hosts}. Pass shard_size as an integer instead.")
+    return runs[0]
+
+
+def hybrid_groups(group: ProcessGroup | None, shard_size: int) -> tuple[ProcessGroup, ProcessGroup]:
+    """This rank's sharding group (``shard_size`` consecutive ranks of ``group``) and replica group (the
+    ranks at the same place in every sharding group); see [Note: hybrid sharding]. A collective."""
+    ranks = _ranks_of(group)
+    me = ranks.index(dist.get_rank())
+    shard = replica = None
+    for first in range(0, len(ranks), shard_size):  # every rank creates every group, member or not
+        made = _new_group(ranks[first : first + shard_size], group)
+        if first <= me < first + shard_size:
+            shard = made
+    for place in range(shard_size):
+        made = _new_group(ranks[place::shard_size], group)
+        if me % shard_size == place:
+            replica = made
+    assert shard is not None and replica is not None
+    return shard, replica
 
 
 def broadcast_coalesced(tensors: list[torch.Tensor], group: ProcessGroup | None) -> None:
@@ -344,6 +401,15 @@ def all_reduce(tensor: torch.Tensor, op: dist.ReduceOp, group: ProcessGroup | No
     """Reduce ``tensor`` in place across ranks with ``op`` and wait."""
     _count("all_reduce", tensor, factor=2)
     wait_all([dist.all_reduce(tensor, op=op, group=group, async_op=True)])
+
+
+def all_reduce_across(tensors: list[torch.Tensor], group: ProcessGroup) -> None:
+    """Sum ``tensors`` in place over ``group``, the replicas of hybrid sharding (one all-reduce each, waited).
+    Counted as ``all_reduce_across``: the only bytes that cross sharding groups."""
+    for tensor in tensors:
+        _count("all_reduce_across", tensor, factor=2)
+    wait_all([dist.all_reduce(t, group=group, async_op=True) for t in tensors],
+             "the gradient all-reduce across sharding groups")
 
 
 def _object_device(group: ProcessGroup | None) -> torch.device:

@@ -51,8 +51,11 @@ from lightning_zero.sharding.collectives import (
     all_gather_into,
     all_gather_objects,
     all_reduce,
+    all_reduce_across,
     broadcast_from,
     exchange_flags,
+    hybrid_groups,
+    node_size,
     traffic,
     wait_all,
 )
@@ -89,9 +92,17 @@ class ZeroEngine:
         self.config = config or ZeroConfig()
         self._dtypes = dtypes
         self.module = module
-        self.group = process_group
-        self.rank = dist.get_rank(process_group)
-        self.world_size = dist.get_world_size(process_group)
+        #: Every data-parallel rank (flags, first values, the gradient average), and its size.
+        self.dp_group = process_group
+        self.dp_size = dist.get_world_size(process_group)
+        shard_size = self._shard_size(self.config.shard_size)
+        #: The ranks this rank shards with, and (hybrid sharding) the replicas of this rank's slices.
+        self.group, self.replica_group = (process_group, None) if shard_size == self.dp_size else hybrid_groups(
+            process_group, shard_size)
+        self.rank = dist.get_rank(self.group)
+        self.world_size = dist.get_world_size(self.group)
+        #: Which replica of the slices this rank holds (0 when not hybrid): replica 0 writes checkpoints.
+        self.replica = dist.get_rank(process_group) // shard_size
         self.reduce_policy = resolve_reduce_policy(self.config.stage, self.config.reduce_policy)
 
         named = list(module.named_parameters())
@@ -175,7 +186,7 @@ class ZeroEngine:
                                           shapes=shapes, own_dtype=own_dtype, whole=whole_groups)
         self._check_ranks_agree()
         self.params: list[torch.nn.Parameter] = [param for _, param in named]
-        self.comm = Comm(process_group, self.device, self.config.comm,
+        self.comm = Comm(self.group, self.device, self.config.comm,
                          separate_reductions=self.config.stage == 3 and self.world_size > 1)
         stage3 = self.config.stage == 3
         #: One object per bucket of the layout, in layout order: its buffers and states.
@@ -262,13 +273,26 @@ class ZeroEngine:
         return self.reducer.in_flight_bytes
 
     # ------------------------------------------------------------------ setup
+    def _shard_size(self, asked: int | str | None) -> int:
+        """Ranks per sharding group for ``ZeroConfig.shard_size`` (see [Note: hybrid sharding])."""
+        if asked is None:
+            return self.dp_size
+        size = node_size(self.dp_group) if asked == "node" else int(asked)
+        if self.dp_size % size:
+            divisors = [d for d in range(1, self.dp_size + 1) if self.dp_size % d == 0]
+            raise ValueError(
+                f"shard_size={asked!r} ({size} ranks per sharding group) does not divide the {self.dp_size} ranks of "
+                f"this job: pick one of {divisors}, or None to shard over every rank"
+            )
+        return size
+
     def _check_ranks_agree(self) -> None:
         """Raise on every rank if any rank's model differs (instead of hanging in a collective later)."""
         buffers = [(name, tuple(b.shape), str(b.dtype)) for name, b in self.module.named_buffers()]
         mine = (self.layout.fingerprint(), repr(buffers))
-        if len(set(all_gather_objects(mine, self.group))) == 1:
+        if len(set(all_gather_objects(mine, self.dp_group))) == 1:
             return
-        described = all_gather_objects((self.layout.describe(), buffers), self.group)
+        described = all_gather_objects((self.layout.describe(), buffers), self.dp_group)
         for rank, (params, bufs) in enumerate(described[1:], start=1):
             for reference, other in zip(described[0], (params, bufs)):
                 for position in range(max(len(reference), len(other))):
@@ -308,7 +332,7 @@ class ZeroEngine:
                 value = wholes.get(id(param), param.detach())
                 original.narrow(0, record.offset, record.numel).copy_(value.reshape(-1))
             if not pending:  # built whole on every rank: start from rank 0's values
-                broadcast_from([original], self.group)
+                broadcast_from([original], self.dp_group)
             slots = plan.dtypes
             flat = original if slots.storage == original.dtype else original.to(slots.storage)
             # Stage 3's unit slices outlive the full buffer; see [Note: persistent parameters].
@@ -321,7 +345,7 @@ class ZeroEngine:
                 else:
                     bucket.master = value.to(slots.master, copy=True) if slots.separate_master else bucket.shard
         others = [param.data for bucket in self.buckets if not bucket.is_flat for param in bucket.params]
-        broadcast_from(others + [buffer for _, buffer in self.module.named_buffers()], self.group)
+        broadcast_from(others + [buffer for _, buffer in self.module.named_buffers()], self.dp_group)
 
     def _assemble(self, params: list[torch.nn.Parameter], chunks: list[PendingChunk]) -> list[torch.Tensor]:
         """Whole values of parameters built under ``sharded_init``, from every rank's chunks (one
@@ -331,9 +355,9 @@ class ZeroEngine:
         for param in params:
             pending_chunks.pop(param, None)
         local = torch.cat([c.chunk for c in chunks])
-        gathered = local.new_empty(local.numel() * self.world_size)
-        all_gather_into(gathered, local, self.group)
-        per_rank = gathered.view(self.world_size, local.numel())
+        gathered = local.new_empty(local.numel() * self.dp_size)  # sharded_init shards over every rank
+        all_gather_into(gathered, local, self.dp_group)
+        per_rank = gathered.view(self.dp_size, local.numel())
         wholes, offset = [], 0
         for chunk in chunks:
             size = chunk.chunk.numel()
@@ -355,7 +379,7 @@ class ZeroEngine:
 
     def reduce_gradients(self, optimizer: int | None = None) -> None:
         """Finish this window's reductions and turn the shards of ``optimizer``'s buckets (None: all) into
-        true averaged gradients, dividing by ``world_size * loss_scale`` once (idempotent until the step). A
+        true averaged gradients, dividing by ``dp_size * loss_scale`` once (idempotent until the step). A
         backward after this and before the step raises: reduce (or read norms) only after the window's last
         micro-batch.
 
@@ -367,7 +391,7 @@ class ZeroEngine:
         for bucket in self._buckets_of(self._selected(optimizer)):
             if bucket.index not in self._divided:
                 assert bucket.grad_shard is not None
-                bucket.grad_shard.div_(self.world_size * self.loss_scale)
+                bucket.grad_shard.div_(self.dp_size * self.loss_scale)
                 self._divided.add(bucket.index)
 
     def _window_flags(self) -> _StepFlags:
@@ -386,8 +410,11 @@ class ZeroEngine:
         if flags.order_hashes.count(flags.order_hashes[0]) != len(flags.order_hashes):
             self._raise_unit_order_divergence()
         self.reducer.reduce_late(flags.late)
+        if self.replica_group is not None:
+            all_reduce_across([b.grad_shard for b in self.reducer.order if b.grad_shard is not None
+                               and b.grad_shard.numel()], self.replica_group)
         if self.reducer.recording:
-            self.reducer.adopt_order(all_gather_objects(self.reducer.arrival, self.group)[0])
+            self.reducer.adopt_order(all_gather_objects(self.reducer.arrival, self.dp_group)[0])
         self._flags = flags  # last: a step that raised above is not taken as reduced by a retry
 
     def _exchange_flags(self) -> _StepFlags:
@@ -406,20 +433,20 @@ class ZeroEngine:
         local = host.to(self.device)
         local[-6] = torch.as_tensor(self.loss_nonfinite, device=self.device).to(torch.uint8)
         local[-5] = grad_nonfinite.to(device=self.device, dtype=torch.uint8)
-        rows = exchange_flags(local, self.group)
+        rows = exchange_flags(local, self.dp_group)
         count = len(reducer.had_grad)
         return _StepFlags(
             had_grad=rows[:, :count].amax(0).bool().tolist(),
             late=rows[:, count:-6].amax(0).bool().tolist(),
-            loss_nonfinite=[r for r in range(self.world_size) if rows[r, -6]],
-            grad_nonfinite=[r for r in range(self.world_size) if rows[r, -5]],
+            loss_nonfinite=[r for r in range(self.dp_size) if rows[r, -6]],
+            grad_nonfinite=[r for r in range(self.dp_size) if rows[r, -5]],
             order_hashes=[bytes(row[-4:].tolist()) for row in rows],
         )
 
     def _raise_unit_order_divergence(self) -> None:
         """Name the first unit where ranks' forwards differed in this window (a collective)."""
         assert self.sharder is not None
-        orders = all_gather_objects(self.sharder.window_units, self.group)
+        orders = all_gather_objects(self.sharder.window_units, self.dp_group)
         names = self.sharder.units
         for rank, order in enumerate(orders[1:], start=1):
             for position in range(max(len(orders[0]), len(order))):
@@ -457,7 +484,7 @@ class ZeroEngine:
                 if param.dtype != bucket.flat.dtype or param.untyped_storage().data_ptr() != storage:
                     found = (self.layout.params[index].fqn, str(param.dtype), str(bucket.flat.dtype))
                     break
-        reports = all_gather_objects(found, self.group, what="every rank's check of its parameters")
+        reports = all_gather_objects(found, self.dp_group, what="every rank's check of its parameters")
         for rank, report in enumerate(reports):
             if report is not None:
                 fqn, now, ours = report
@@ -681,7 +708,8 @@ class ZeroEngine:
     def full_optimizer_state(self, rank: int | None = None) -> dict[str, Any]:
         """Every optimizer's state keyed by FQN, their param groups one optimizer after another (a collective;
         ``rank``: only that rank keeps the tensors)."""
-        fulls = [sharded.full_state_dict(self.group, rank) for sharded in self.optimizers]
+        keeper = rank if rank is None or self.replica == 0 else -1  # ``rank`` of the job: replica 0 holds it
+        fulls = [sharded.full_state_dict(self.group, keeper) for sharded in self.optimizers]
         if len(fulls) == 1:
             return fulls[0]
         return {"state": {fqn: values for full in fulls for fqn, values in full["state"].items()},
@@ -729,12 +757,12 @@ class ZeroEngine:
                 self.sharder.release(indices)
 
     def _write_back(self, buckets: list[FlatBucket], modifier_rank: int, before: dict[int, torch.Tensor]) -> None:
-        src = dist.get_global_rank(self.group, modifier_rank) if self.group is not None else modifier_rank
+        src = dist.get_global_rank(self.dp_group, modifier_rank) if self.dp_group is not None else modifier_rank
         self._wait_for_host_copies()  # masters are written below
         with torch.no_grad():
             for bucket in buckets:
                 tensors = [bucket.flat] if bucket.is_flat else [p.data for p in bucket.params]
-                wait_all([dist.broadcast(t, src=src, group=self.group, async_op=True) for t in tensors])
+                wait_all([dist.broadcast(t, src=src, group=self.dp_group, async_op=True) for t in tensors])
                 if not bucket.is_flat:
                     continue
                 owned = bucket.owned()
@@ -758,7 +786,7 @@ class ZeroEngine:
         gathers one bucket at a time on the device. ``rank``: only that rank keeps them (the others get
         nothing, and hold no whole copy in host memory); None: every rank."""
         params: dict[str, torch.Tensor] = {}
-        keep = rank is None or dist.get_rank(self.group) == rank
+        keep = rank is None or dist.get_rank(self.dp_group) == rank
         for bucket in self.buckets:
             source: torch.Tensor | None = None
             shard = self._authoritative_shard(bucket)
@@ -860,9 +888,10 @@ class ZeroEngine:
     def local_state_dict(self, optimizer: bool = True) -> dict[str, Any]:
         """This rank's part of the state, on CPU, with no collective: every slice of a flattened parameter it
         owns (at master precision), with that slice's optimizer state unless ``optimizer`` is False, and, on
-        the group's first rank, the parameters that are not sharded (``state.consolidate`` joins them)."""
+        the group's first rank, the parameters that are not sharded (``state.consolidate`` joins them). Under
+        hybrid sharding only replica 0 holds a part: the other replicas' slices are copies of it."""
         pieces = []
-        for bucket in self.buckets:
+        for bucket in self.buckets if self.replica == 0 else ():
             if not bucket.is_flat:
                 continue
             source = bucket.master if bucket.master is not None else bucket.shard
@@ -879,7 +908,7 @@ class ZeroEngine:
                                   for key, value in state.items()},
                 })
         whole = {}
-        if self.rank == 0:
+        if self.rank == 0 and self.replica == 0:
             for bucket in self.buckets:
                 if not bucket.is_flat:
                     for index, param in zip(bucket.plan.params, bucket.params):
@@ -977,7 +1006,7 @@ class ZeroEngine:
             for fqn, values in state["state"].items():
                 optimizer.state[named[fqn]] = dict(values)
         self.__init__(self.module, optimizers if len(optimizers) > 1 else optimizers[0],  # type: ignore[misc]
-                      self.config, self.group, self._dtypes)
+                      self.config, self.dp_group, self._dtypes)
 
     def close(self, release_group: bool = True) -> None:
         """Remove every hook this engine installed; the module keeps its (flat-buffer) parameters.
