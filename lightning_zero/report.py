@@ -16,6 +16,7 @@ from torch import optim
 
 from lightning_zero.config import OffloadName, PrecisionPolicy, ReducePolicyName, ZeroConfig, resolve_reduce_policy
 from lightning_zero.memory import HostBytes, ModelStateBytes, model_state_bytes
+from lightning_zero.sharding.collectives import ACROSS_GROUPS
 from lightning_zero.sharding.engine import ZeroEngine
 from lightning_zero.sharding.layout import ByModule, full_precision_params
 from lightning_zero.sharding.parameters import module_units
@@ -388,6 +389,10 @@ class ZeroMeasurement:
         out = {f"{prefix}/bytes/{key}": float(value) for key, value in values.items()}
         out.update({f"{prefix}/comm_bytes/{kind}": float(value) for kind, value in sorted(self.traffic.items())})
         out[f"{prefix}/comm_bytes/total"] = float(sum(self.traffic.values()))
+        if ACROSS_GROUPS in self.traffic:  # hybrid sharding: what crossed sharding groups, and what stayed inside
+            out[f"{prefix}/comm_bytes/across_groups"] = float(self.traffic[ACROSS_GROUPS])
+            out[f"{prefix}/comm_bytes/inside_groups"] = float(sum(
+                n for kind, n in self.traffic.items() if kind not in (ACROSS_GROUPS, "flags")))
         return out
 
 
@@ -471,5 +476,7 @@ class ZeroReport(pl.Callback):
             print("[ZeroReport] fit end: no optimizer step was measured", flush=True)
             return
         comm = ", ".join(f"{kind} {_human(n)}" for kind, n in sorted(self.last.traffic.items())) or "none"
+        if ACROSS_GROUPS in self.last.traffic:
+            comm += f" ({_human(self.last.traffic[ACROSS_GROUPS])} of it across sharding groups)"
         print(f"[ZeroReport] fit end (after optimizer step {self.last.step})\n"
               f"{self.estimate.table(self.last.held)}\ncommunication in that step: {comm}", flush=True)

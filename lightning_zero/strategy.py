@@ -371,8 +371,9 @@ class ZeroStrategy(SharedStrategyMethods, DDPStrategy):
         return self.engines[0].gathered_parameters(params, modifier_rank)
 
     def communication(self) -> dict[str, int]:
-        """Logical bytes by collective kind (reduce_scatter, all_gather, all_reduce, broadcast) that this
-        rank's last optimizer step moved, its micro-batches included; the numbers ``ZeroReport`` and the
+        """Logical bytes by collective kind (reduce_scatter, all_gather, all_reduce, broadcast; flags for the
+        step's control exchange; all_reduce_across for what crosses sharding groups under ``shard_size``) that
+        this rank's last optimizer step moved, its micro-batches included; the numbers ``ZeroReport`` and the
         benchmarks read. Logical as the ZeRO paper counts: gloo sends a reduce-scatter as an all-reduce."""
         return dict(self.engines[0].last_step_traffic) if self.engines else {}
 

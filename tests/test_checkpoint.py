@@ -115,9 +115,10 @@ def test_resume_equals_the_straight_run_in_mixed_precision(pools, tmp_path, stag
     assert worst == 0.0
 
 
-def reload_and_save(source: str, target: str, stage: int) -> None:
-    """Restore ``source`` on this world size and stage without training further, then save again."""
-    fit = trainer(zero(stage), max_steps=SAVED, max_epochs=3)
+def reload_and_save(source: str, target: str, stage: int, shard_size: int | None = None) -> None:
+    """Restore ``source`` on this world size, stage and ``shard_size`` without training further, then save
+    again."""
+    fit = trainer(zero(stage, shard_size=shard_size), max_steps=SAVED, max_epochs=3)
     fit.fit(LitTiny("adamw", schedule=True), loader(8, 1), ckpt_path=source)
     fit.save_checkpoint(target)
 

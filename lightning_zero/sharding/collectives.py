@@ -39,6 +39,7 @@ from lightning_zero.config import CommPath
 from lightning_zero.sharding.whereabouts import describe_ranks
 
 __all__ = [
+    "ACROSS_GROUPS",
     "CollectiveError",
     "Comm",
     "FlagExchange",
@@ -403,11 +404,15 @@ def all_reduce(tensor: torch.Tensor, op: dist.ReduceOp, group: ProcessGroup | No
     wait_all([dist.all_reduce(tensor, op=op, group=group, async_op=True)])
 
 
+#: The traffic kind of hybrid sharding's all-reduce across sharding groups: the only bytes that cross them.
+ACROSS_GROUPS = "all_reduce_across"
+
+
 def all_reduce_across(tensors: list[torch.Tensor], group: ProcessGroup) -> None:
     """Sum ``tensors`` in place over ``group``, the replicas of hybrid sharding (one all-reduce each, waited).
     Counted as ``all_reduce_across``: the only bytes that cross sharding groups."""
     for tensor in tensors:
-        _count("all_reduce_across", tensor, factor=2)
+        _count(ACROSS_GROUPS, tensor, factor=2)
     wait_all([dist.all_reduce(t, group=group, async_op=True) for t in tensors],
              "the gradient all-reduce across sharding groups")
 
@@ -481,7 +486,7 @@ class FlagExchange:
     def __init__(self, local: torch.Tensor, group: ProcessGroup | None) -> None:
         self.world = dist.get_world_size(group)
         self.gathered = local.new_empty(self.world * local.numel())
-        _count("all_gather", self.gathered)
+        _count("flags", self.gathered)  # control, not model bytes: counted apart
         self.work = _gather_flags(self.gathered, local, group=group, async_op=True)
 
     def rows(self, what: str = "") -> torch.Tensor:
