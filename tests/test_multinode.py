@@ -45,7 +45,7 @@ def two_nodes(strategy: str, out: Path) -> str:
     return text
 
 
-@pytest.mark.parametrize("strategy", ["zero2", "zero3"])
+@pytest.mark.parametrize("strategy", ["zero2", "zero3", "zero2-node", "zero3-node"])
 def test_two_nodes_under_torchrun_match_ddp(tmp_path: Path, strategy: str) -> None:
     reference = tmp_path / "ddp.pt"
     two_nodes("ddp", reference)
@@ -53,6 +53,9 @@ def test_two_nodes_under_torchrun_match_ddp(tmp_path: Path, strategy: str) -> No
     for rank in range(4):
         assert f"global rank {rank} of 4, node {rank // 2}, local rank {rank % 2}, environment " \
                "TorchElasticEnvironment" in output, output[-3000:]
+    if strategy.endswith("-node"):  # hybrid sharding: one sharding group per node, the nodes replicas
+        for rank in range(4):
+            assert f"global rank {rank}: sharding group of 2, replica {rank // 2}, across groups" in output, output
     expected, got = torch.load(reference), torch.load(tmp_path / "zero.pt")
     worst = max(((got[n] - expected[n]).norm() / expected[n].norm()).item() for n in expected)
     print(f"{strategy} on 2 nodes x 2 processes against ddp: worst per-tensor relative error {worst:.2e}")
