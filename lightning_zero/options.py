@@ -68,6 +68,10 @@ OPTIONS_DOC = """stage: 1 shards optimizer state, 2 also gradients, 3 also param
             each other, so parameter gathers and gradient reduce-scatters stay inside a group (a node) and only
             each rank's gradient slice is all-reduced across groups; memory per rank is that of S ranks.
             "node": the processes of one node.
+        quantize_gathers: stage 3 only: parameters are all-gathered for compute as int8 blocks of 256 with an
+            fp32 scale each (ZeRO++'s qwZ), about a quarter of fp32's gather bytes; the weights each forward
+            and backward uses are rounded by at most 1/254 of their block's largest magnitude, while masters,
+            optimizer state and checkpoints stay exact. Off by default.
         offload: "optimizer" keeps each rank's master slices and optimizer state in CPU memory and steps the
             optimizer there (ZeRO-Offload); "none" (default) keeps everything on the device.
         broadcast_buffers: as DDP's ``broadcast_buffers``: every rank takes rank 0's buffers (BatchNorm
@@ -109,6 +113,7 @@ class StrategyOptions:
         check_gathers: bool = False,
         after_fit: str | None = None,
         shard_size: ShardSize = None,
+        quantize_gathers: bool = False,
     ) -> StrategyOptions:
         """Validate every option, raising with the fix before any process starts."""
         if after_fit is not None and after_fit not in ("whole", "sharded"):
@@ -118,6 +123,7 @@ class StrategyOptions:
             "persist_numel": (persist_numel is not None, "sizes the parameters stage 3 keeps gathered"),
             "eval_gather": (eval_gather is not None, "chooses how stage 3 gathers parameters in evaluation loops"),
             "check_gathers": (check_gathers is not False, "checks stage 3's parameter gathers"),
+            "quantize_gathers": (quantize_gathers is not False, "quantizes stage 3's parameter gathers"),
             "after_fit": (after_fit is not None, "chooses what a stage 3 module holds after training"),
         }
         for name, (given, what) in stage3_only.items():
@@ -139,7 +145,7 @@ class StrategyOptions:
             allow_unknown_optimizer=allow_unknown_optimizer, offload=offload,  # type: ignore[arg-type]
             **({"unit_numel": unit_numel} if unit_numel is not None else {}),
             persist_numel=persist_numel, eval_gather=eval_gather or "unit",  # type: ignore[arg-type]
-            check_gathers=check_gathers, shard_size=shard_size,
+            check_gathers=check_gathers, shard_size=shard_size, quantize_gathers=quantize_gathers,
         )
         if state_dict_type not in ("sharded", "full"):
             raise ValueError(f"state_dict_type must be 'sharded' or 'full', got {state_dict_type!r}")

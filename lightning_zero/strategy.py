@@ -168,11 +168,12 @@ class ZeroStrategy(SharedStrategyMethods, DDPStrategy):
         check_gathers: bool = False,
         after_fit: Literal["whole", "sharded"] | None = None,
         shard_size: ShardSize = None,
+        quantize_gathers: bool = False,
     ) -> None:
         self.options = StrategyOptions.build(
             stage, reduce_policy, bucket_numel, allow_unknown_optimizer, state_dict_type, nonfinite, unit_numel,
             persist_numel, offload, broadcast_buffers, timeout, start_method, eval_gather, check_gathers,
-            after_fit, shard_size)
+            after_fit, shard_size, quantize_gathers)
         self.config = self.options.config
         super().__init__(
             accelerator=accelerator,

@@ -136,7 +136,7 @@ class FlatBucket:
         if self.param_state is not ParamState.SHARDED:
             return False
         self.flat.untyped_storage().resize_(self.flat.numel() * self.flat.element_size())
-        self._gather = comm.all_gather(self.flat, self.shard, self.plan.bounds)
+        self._gather = comm.gather_params(self.flat, self.shard, self.plan.bounds)
         self.param_state = ParamState.GATHERING
         return True
 

@@ -43,6 +43,7 @@ __all__ = [
     "CollectiveError",
     "Comm",
     "FlagExchange",
+    "QUANT_BLOCK",
     "Handle",
     "all_gather_into",
     "all_gather_objects",
@@ -53,6 +54,7 @@ __all__ = [
     "broadcast_from",
     "exchange_flags",
     "host_group",
+    "quantize_blocks",
     "hybrid_groups",
     "node_size",
     "traffic",
@@ -173,8 +175,8 @@ class Handle:
     """One launched collective. ``wait()`` orders the caller's stream after it (CUDA: the compute stream waits
     an event, the host does not block; CPU: the host waits) and drops the buffers it kept alive."""
 
-    def __init__(self, work: Work | _AllOf | _SliceOfAllReduce | None, event: Any = None, module: Any = None,
-                 keep: tuple[torch.Tensor, ...] = (), device: torch.device | None = None,
+    def __init__(self, work: Work | _AllOf | _SliceOfAllReduce | _Dequantized | None, event: Any = None,
+                 module: Any = None, keep: tuple[torch.Tensor, ...] = (), device: torch.device | None = None,
                  then: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
         self.work, self.event, self.module, self.keep, self.device = work, event, module, keep, device
         self.then = then  # (into, source): copied after the wait (an uneven reduce-scatter's output)
@@ -188,6 +190,42 @@ class Handle:
         if self.then is not None:
             self.then[0].copy_(self.then[1])
         self.work, self.keep, self.then = None, (), None
+
+
+#: Elements per int8 block of a quantized gather, each with its own fp32 scale (see [Note: quantized gathers]).
+QUANT_BLOCK = 256
+
+
+def quantize_blocks(values: torch.Tensor, blocks: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``values`` (1-D) as int8 in ``blocks`` blocks of ``QUANT_BLOCK`` (zero-padded), with one fp32 scale per
+    block: value ~ int8 * scale, error at most scale / 2 = max|block| / 254."""
+    padded = torch.zeros(blocks * QUANT_BLOCK, dtype=torch.float32, device=values.device)
+    padded[: values.numel()] = values
+    rows = padded.view(blocks, QUANT_BLOCK)
+    scales = rows.abs().amax(dim=1).clamp_min(torch.finfo(torch.float32).tiny) / 127.0
+    quantized = torch.round(rows / scales[:, None]).clamp_(-127, 127).to(torch.int8)
+    return quantized.view(-1), scales
+
+
+class _Dequantized:
+    """The handle of a quantized gather: waiting waits for the int8 blocks and their scales, then writes every
+    rank's dequantized slice into the full buffer."""
+
+    def __init__(self, works: list[Work], flat: torch.Tensor, quantized: torch.Tensor, scales: torch.Tensor,
+                 world: int, blocks: int) -> None:
+        self.works, self.flat, self.quantized, self.scales = works, flat, quantized, scales
+        self.world, self.blocks = world, blocks
+
+    def wait(self) -> bool:
+        for work in self.works:
+            work.wait()
+        if self.flat is not None:
+            shard = self.flat.numel() // self.world
+            values = self.quantized.view(self.world, self.blocks, QUANT_BLOCK).float() * self.scales.view(
+                self.world, self.blocks, 1)
+            self.flat.view(self.world, shard).copy_(values.view(self.world, -1)[:, :shard])
+        self.flat = self.quantized = self.scales = None  # the handle outlives the wait (wait_all keeps it)
+        return True
 
 
 class Comm:
@@ -210,10 +248,11 @@ class Comm:
     """
 
     def __init__(self, group: ProcessGroup | None, device: torch.device, path: CommPath = "auto",
-                 separate_reductions: bool = False) -> None:
+                 separate_reductions: bool = False, quantize_gathers: bool = False) -> None:
         if path not in ("auto", "native"):
             raise ValueError(f"comm path must be 'auto' or 'native', got {path!r}")
         self.group = group
+        self.quantize_gathers = quantize_gathers
         # [Note: reductions on their own group] Stage 3 interleaves gathers (at unit boundaries, the same
         # on every rank) with reductions (when a bucket's gradients are complete on this rank: a parameter
         # without a gradient on one rank moves its bucket's launch past a gather there). Collectives pair up
@@ -305,6 +344,32 @@ class Comm:
             return _all_gather(flat, shard, group=self.group, async_op=async_op)
 
         return self._on_stream("all_gather", launch, (flat, shard))
+
+
+    def gather_params(self, flat: torch.Tensor, shard: torch.Tensor, bounds: Bounds = None) -> Handle:
+        """Stage 3's gather of a unit's parameters for compute: quantized where the engine asked for it (even
+        slices only), else exact."""
+        if self.quantize_gathers and bounds is None and self.world_size > 1:
+            return self.all_gather_quantized(flat, shard)
+        return self.all_gather(flat, shard, bounds)
+
+    def all_gather_quantized(self, flat: torch.Tensor, shard: torch.Tensor) -> Handle:
+        """As ``all_gather`` (even slices), but every rank's slice travels as int8 blocks with fp32 scales and
+        ``flat`` receives the dequantized values, this rank's own slice included, so every rank computes with
+        the same weights (see [Note: quantized gathers]). ``shard`` keeps the exact values."""
+        blocks = -(-shard.numel() // QUANT_BLOCK)
+        mine, my_scales = quantize_blocks(shard.detach().reshape(-1).float(), blocks)
+        quantized = mine.new_empty(self.world_size * mine.numel())
+        scales = my_scales.new_empty(self.world_size * blocks)
+        _count("all_gather", quantized)
+        _count("all_gather", scales)
+        if not self.native and 1 < self.world_size <= BROADCAST_GATHER_MAX_WORLD:
+            works = [_all_gather_by_broadcasts(quantized, mine, group=self.group),
+                     _all_gather_by_broadcasts(scales, my_scales, group=self.group)]
+        else:
+            works = [_all_gather(quantized, mine, group=self.group, async_op=True),
+                     _all_gather(scales, my_scales, group=self.group, async_op=True)]
+        return Handle(_Dequantized(works, flat, quantized, scales, self.world_size, blocks))
 
 
 def broadcast_from(tensors: list[torch.Tensor], group: ProcessGroup | None, source: int = 0) -> None:

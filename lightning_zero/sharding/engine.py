@@ -187,7 +187,8 @@ class ZeroEngine:
         self._check_ranks_agree()
         self.params: list[torch.nn.Parameter] = [param for _, param in named]
         self.comm = Comm(self.group, self.device, self.config.comm,
-                         separate_reductions=self.config.stage == 3 and self.world_size > 1)
+                         separate_reductions=self.config.stage == 3 and self.world_size > 1,
+                         quantize_gathers=self.config.quantize_gathers)
         stage3 = self.config.stage == 3
         #: One object per bucket of the layout, in layout order: its buffers and states.
         self.buckets: list[FlatBucket] = [
