@@ -192,6 +192,14 @@ class Handle:
         self.work, self.keep, self.then = None, (), None
 
 
+# [Note: quantized gathers]
+# ``quantize_gathers`` (stage 3, ZeRO++'s qwZ): a unit's gather sends each rank's slice as int8 blocks of
+# ``QUANT_BLOCK`` elements with one fp32 scale per block (max |x| / 127, symmetric, round to nearest), two
+# all-gathers instead of one, and every rank dequantizes every slice, its own included, into the full
+# buffer: all ranks compute with the same rounded weights, as they must for the ranks' gradients to be of
+# one model. The rounding is at most scale / 2 per element. Only compute sees it: the slice itself (stage 3's
+# parameter slice, the fp32 master) is never rounded, so the optimizer, checkpoints and the persistent
+# buckets' refresh stay exact. Bytes: 1 per element plus 4 per block, 0.254x fp32 or 0.508x bf16.
 #: Elements per int8 block of a quantized gather, each with its own fp32 scale (see [Note: quantized gathers]).
 QUANT_BLOCK = 256
 
@@ -427,6 +435,16 @@ def node_size(group: ProcessGroup | None) -> int:
     return runs[0]
 
 
+# [Note: hybrid sharding]
+# ``shard_size`` S splits the data-parallel ranks into groups of S consecutive ranks (a node, when S is the
+# processes per node). Each group is a complete ZeRO run of S ranks: its layout, slices, gathers and
+# reduce-scatters are those of a flat run on S ranks. The groups hold the same slices (replicas): rank r of
+# every group owns the same ranges. At the step, after the in-group reduce-scatters (and late reductions),
+# each rank all-reduces its owned gradient slice with the ranks at the same place in the other groups (its
+# replica group), so every replica holds the sum over all ranks, divided once by the whole world size. What
+# must agree across the whole job still uses every rank: the first values (broadcast from rank 0), the
+# step's flags, the adopted launch order, the model check. Only replica 0 writes checkpoint slices.
+# Example, 4 ranks with S = 2: sharding groups {0, 1} and {2, 3}; replica groups {0, 2} and {1, 3}.
 def hybrid_groups(group: ProcessGroup | None, shard_size: int) -> tuple[ProcessGroup, ProcessGroup]:
     """This rank's sharding group (``shard_size`` consecutive ranks of ``group``) and replica group (the
     ranks at the same place in every sharding group); see [Note: hybrid sharding]. A collective."""
