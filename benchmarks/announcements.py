@@ -23,7 +23,7 @@ import torch
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent / "examples"))
 sys.path.insert(0, str(HERE))
-from harness import common_arguments, run_pinned, time_steps  # noqa: E402
+from harness import parse_arguments, ratio_rows, run_pinned, time_steps  # noqa: E402
 
 SYSTEMS = ("ddp", "zero3 off", "zero3", "zero3 check_gathers")
 
@@ -66,21 +66,16 @@ def _worker(rank: int, args: argparse.Namespace) -> dict[str, Any]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    common_arguments(parser)
-    args = parser.parse_args()
+    args = parse_arguments(__doc__)
     result = run_pinned(_worker, args)
-    medians = result["medians"]
     lines = [f"GPT {result['parameters']:,} parameters, fp32 AdamW, accumulate 1, world size 2 (each rank pinned to "
              f"a core, gloo), {args.repeats} interleaved repeats, torch {torch.__version__}", "",
              "| system | median step (s) | ratio to DDP | announcements per step |", "|---|---|---|---|"]
-    rows = []
-    for name in SYSTEMS:
-        ratio = statistics.median(a / b for a, b in zip(medians[name], medians["ddp"]))
-        rows.append({"system": name, "median_step_s": statistics.median(medians[name]), "ratio_to_ddp": ratio,
-                     "announcements_per_step": result["announcements_per_step"][name]})
-        lines.append(f"| {name} | {rows[-1]['median_step_s']:.4f} | {ratio:.3f} | "
-                     f"{rows[-1]['announcements_per_step']:.0f} |")
+    rows = ratio_rows(result["medians"])
+    for row in rows:
+        row["announcements_per_step"] = result["announcements_per_step"][row["system"]]
+        lines.append(f"| {row['system']} | {row['median_step_s']:.4f} | {row['ratio_to_ddp']:.3f} | "
+                     f"{row['announcements_per_step']:.0f} |")
     print("\n".join(lines))
     (HERE / "results").mkdir(exist_ok=True)
     name = f"announcements_w{args.width}_d{args.depth}"

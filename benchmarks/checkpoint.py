@@ -28,7 +28,7 @@ import torch.distributed as dist
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent / "examples"))
 sys.path.insert(0, str(HERE))
-from harness import common_arguments, run_pinned  # noqa: E402
+from harness import parse_arguments, run_pinned  # noqa: E402
 
 SYSTEMS = ("ddp", "zero1", "zero2", "zero3")
 
@@ -99,9 +99,7 @@ def _worker(rank: int, args: argparse.Namespace) -> dict:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    common_arguments(parser)
-    args = parser.parse_args()
+    args = parse_arguments(__doc__)
     result = run_pinned(_worker, args)
     rows = []
     ddp_save = statistics.median(result["times"]["ddp"]["save"])

@@ -7,6 +7,7 @@ import argparse
 import os
 import queue
 import socket
+import statistics
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -26,6 +27,21 @@ def common_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--width", type=int, default=256)
     parser.add_argument("--depth", type=int, default=4)
+
+
+def parse_arguments(doc: str | None) -> argparse.Namespace:
+    """The common arguments (``common_arguments``) of a benchmark whose help text is ``doc``."""
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    common_arguments(parser)
+    return parser.parse_args()
+
+
+def ratio_rows(medians: dict[str, list[float]], reference: str = "ddp") -> list[dict[str, Any]]:
+    """Per system: the median of its per-repeat median step times, and the median over repeats of its ratio to
+    ``reference`` in the same repeat (interleaved runs)."""
+    return [{"system": name, "median_step_s": statistics.median(times),
+             "ratio_to_ddp": statistics.median(a / b for a, b in zip(times, medians[reference]))}
+            for name, times in medians.items()]
 
 
 def time_gpt_steps(system: str, rank: int, model_args: tuple[int, ...], batch_size: int, warmup: int, steps: int,

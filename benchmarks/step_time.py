@@ -20,7 +20,7 @@ import torch
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent / "examples"))
 sys.path.insert(0, str(HERE))
-from harness import common_arguments, run_pinned, time_gpt_steps  # noqa: E402
+from harness import parse_arguments, ratio_rows, run_pinned, time_gpt_steps  # noqa: E402
 
 SYSTEMS = ("ddp", "zero1", "zero2", "zero3")
 
@@ -37,18 +37,13 @@ def _worker(rank: int, args: argparse.Namespace) -> tuple[int, dict]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    common_arguments(parser)
-    args = parser.parse_args()
+    args = parse_arguments(__doc__)
     psi, medians = run_pinned(_worker, args)
     lines = [f"GPT {psi:,} parameters, fp32 AdamW, accumulate 1, world size 2 (each rank pinned to a core), "
              f"{args.repeats} interleaved repeats, torch {torch.__version__}", "",
              "| system | median step (s) | ratio to DDP (median of per-repeat ratios) |", "|---|---|---|"]
-    rows = []
-    for name in SYSTEMS:
-        ratio = statistics.median(a / b for a, b in zip(medians[name], medians["ddp"]))
-        rows.append({"system": name, "median_step_s": statistics.median(medians[name]), "ratio_to_ddp": ratio})
-        lines.append(f"| {name} | {rows[-1]['median_step_s']:.4f} | {ratio:.3f} |")
+    rows = ratio_rows(medians)
+    lines += [f"| {row['system']} | {row['median_step_s']:.4f} | {row['ratio_to_ddp']:.3f} |" for row in rows]
     print("\n".join(lines))
     (HERE / "results").mkdir(exist_ok=True)
     (HERE / "results" / "step_time.md").write_text("\n".join(lines) + "\n")
