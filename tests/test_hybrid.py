@@ -15,6 +15,7 @@ from lightning_zero import (
     ZeroConfig,
     ZeroEngine,
     ZeroMeasurement,
+    ZeroPrecision,
     ZeroStrategy,
     consolidate_checkpoint,
     model_state_bytes,
@@ -65,15 +66,17 @@ def test_hybrid_parity_with_ddp(pools, world_size: int, shard_size: int) -> None
 
 # ----------------------------------------------------------------------------------------- the Trainer
 def trainer_hybrid(stage: int, optimizer: str, accumulate: int, precision: str, offload: str) -> dict[str, Any]:
-    """Lightning ``ddp`` (32-true), or flat ZeRO of the same stage (bf16-mixed, where ddp's autocast differs),
-    against ZeRO with ``shard_size=2``: 10 optimizer steps, same data."""
+    """Lightning ``ddp`` (32-true), or flat ZeRO of the same stage and precision (elsewhere, where ddp's
+    autocast differs), against ZeRO with ``shard_size=2``: 10 optimizer steps, same data."""
     models = {}
     reference: Any = (SettledDDPStrategy(find_unused_parameters=True) if precision == "32-true" else
                       ZeroStrategy(stage=stage, bucket_numel=150))
     for name, strategy in (("reference", reference),
                            ("hybrid", ZeroStrategy(stage=stage, bucket_numel=150, shard_size=2, offload=offload))):
         model = LitTiny(optimizer, schedule=True)
-        fit = trainer(strategy, accumulate_grad_batches=accumulate, precision=precision)
+        # Lightning turns "16-mixed" into bf16 on CPU before a strategy sees it; the plugin keeps fp16.
+        chosen = {"plugins": [ZeroPrecision(precision)]} if precision == "16-mixed" else {"precision": precision}
+        fit = trainer(strategy, accumulate_grad_batches=accumulate, **chosen)
         fit.fit(model, loader(STEPS * accumulate, accumulate))
         models[name] = model
         if name == "hybrid":
@@ -90,6 +93,8 @@ def trainer_hybrid(stage: int, optimizer: str, accumulate: int, precision: str, 
     (3, "adamw", 4, "32-true", "none"),
     (2, "adamw", 4, "32-true", "optimizer"),
     (3, "sgd", 1, "bf16-mixed", "none"),
+    (2, "adamw", 4, "16-mixed", "none"),
+    (1, "adamw", 1, "bf16-true", "none"),
 ])
 def test_hybrid_through_the_trainer(pools, stage: int, optimizer: str, accumulate: int, precision: str,
                                     offload: str) -> None:

@@ -56,6 +56,7 @@ def test_two_nodes_under_torchrun_match_ddp(tmp_path: Path, strategy: str) -> No
     if strategy.endswith("-node"):  # hybrid sharding: one sharding group per node, the nodes replicas
         for rank in range(4):
             assert f"global rank {rank}: sharding group of 2, replica {rank // 2}, across groups" in output, output
+        print("\n".join(sorted({line for line in output.splitlines() if "sharding group of" in line})))
     expected, got = torch.load(reference), torch.load(tmp_path / "zero.pt")
     worst = max(((got[n] - expected[n]).norm() / expected[n].norm()).item() for n in expected)
     print(f"{strategy} on 2 nodes x 2 processes against ddp: worst per-tensor relative error {worst:.2e}")
