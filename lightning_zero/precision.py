@@ -131,6 +131,8 @@ class ZeroPrecisionCore:
         scale, in fp32 (2**16 times a 16-bit loss would overflow), telling every engine the scale it divides
         out: the loss may reach the parameters of any of them."""
         mark("backward")
+        for engine in {id(e): e for e in self._engines.values()}.values():  # an engine may serve several optimizers
+            engine.begin_backward()
         flagged = list(self._engines.values()) if flagged is None else flagged
         nonfinite = ~torch.isfinite(tensor.detach()).all()  # read in the step's one flag exchange: no sync here
         for engine in flagged:

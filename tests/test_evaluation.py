@@ -231,6 +231,42 @@ def test_an_early_exit_after_some_steps_fails_every_rank_at_once_through_the_tra
                 "forward; rank 1 was about to run 'head_a' (25 elements)") in result["error"], result
 
 
+class NoUnitOnOneRank(Blocks):
+    """From optimizer step 3 on, rank 1's training forward runs no unit at all: its loss comes from a weight
+    the root owns (which stays gathered), so no hook of any unit fires on that rank."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.bias = nn.Parameter(torch.zeros(1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.training and self.global_rank == 1 and self.global_step >= 3:
+            return x[:, :1] * 0 + self.bias
+        for block in self.blocks:
+            x = x + block(x)
+        return self.head_a(x) + self.bias
+
+
+def fit_no_unit() -> dict[str, Any]:
+    fit = trainer(ZeroStrategy(stage=3, persist_numel=0), max_steps=6)
+    try:
+        fit.fit(NoUnitOnOneRank(), rows(6, 0))
+        error = ""
+    except UnitDivergenceError as exc:
+        error = str(exc)
+    return {"error": error, "step": fit.global_step}
+
+
+def test_a_forward_that_runs_no_unit_on_one_rank_is_named(pools) -> None:
+    """The strategy announces "forward over" at every backward (``ZeroEngine.begin_backward``)."""
+    results = pools(2).run(fit_no_unit)
+    print(results[0]["error"])
+    for result in results:
+        assert result["step"] == 3, result
+        assert ("rank 0 was about to run 'blocks.0' (1200 elements) as unit call 1 of its forward; rank 1 had "
+                "ended its forward after 0 unit calls") in result["error"], result
+
+
 def timed_steps(check: bool, steps: int = 30) -> tuple[float, int]:
     torch.manual_seed(0)
     model = nn.Sequential(*[nn.Sequential(nn.Linear(64, 64), nn.Tanh()) for _ in range(12)])

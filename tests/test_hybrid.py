@@ -3,6 +3,7 @@ DistributedDataParallel over every rank, same seed and data, per-tensor ||delta|
 
 from __future__ import annotations
 
+import copy
 from typing import Any
 
 import pytest
@@ -224,3 +225,40 @@ def test_memory_per_rank_is_that_of_a_group_and_only_the_owned_slice_crosses_gro
     print(f"zero{stage}, Ψ={psi}, 2 replicas x 2 shards, rank 0: held {hybrid[0]['bytes']} (params, grads, "
           f"master, optimizer) = 2 ranks alone; per step inside the group {hybrid[0]['traffic']}, across groups "
           f"{across} bytes ({across / (4 * psi):.2f} x 4Ψ)")
+
+
+# ----------------------------------------------------------------------------------------- several optimizers
+def two_sgds_one_backward(stage: int) -> float:
+    """One backward, then two SGD optimizers (scale-sensitive, unlike Adam or Muon) step one after the other:
+    the second step must not sum across groups again the slices the first step's window already summed."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Tanh(), torch.nn.Linear(16, 4))
+    reference = copy.deepcopy(model)
+    ddp = DistributedDataParallel(reference)
+    ref_opts = [torch.optim.SGD(reference[0].parameters(), lr=0.1), torch.optim.SGD(reference[2].parameters(), lr=0.1)]
+    opts = [torch.optim.SGD(model[0].parameters(), lr=0.1), torch.optim.SGD(model[2].parameters(), lr=0.1)]
+    engine = ZeroEngine(model, opts, ZeroConfig(stage=stage, bucket_numel=100, shard_size=2,
+                                                **({"persist_numel": 0} if stage == 3 else {})))
+    for step in range(5):
+        torch.manual_seed(100 * step + dist.get_rank())
+        x = torch.randn(4, 8)
+        ddp(x).square().mean().backward()
+        for opt in ref_opts:
+            opt.step()
+            opt.zero_grad()
+        model(x).square().mean().backward()
+        engine.step(optimizer=0)
+        engine.step(optimizer=1)
+    engine.materialize_module()
+    worst = max(relative_errors(model, reference).values())
+    engine.close()
+    return worst
+
+
+@pytest.mark.parametrize("stage", [1, 2, 3])
+def test_two_optimizers_stepping_after_one_backward_under_hybrid_sharding(pools, stage: int) -> None:
+    worst = max(pools(4).run(two_sgds_one_backward, stage))
+    print(f"zero{stage}, 2 x 2, two SGDs after one backward: worst {worst:.2e} from ddp")
+    assert worst <= 1e-5

@@ -107,7 +107,7 @@ def muon_loop(model: nn.Module, step_fn: Callable[[int], None]) -> None:
         step_fn(1)
 
 
-def engine_parity(kind: str, stage: int, toggle: bool = True) -> dict[str, Any]:
+def engine_parity(kind: str, stage: int, toggle: bool = True, shard_size: int | None = None) -> dict[str, Any]:
     reference, model = _gan(), _gan()
     ddp = DistributedDataParallel(reference, find_unused_parameters=True)
     ref_opts = _optimizers(reference, kind)
@@ -118,7 +118,7 @@ def engine_parity(kind: str, stage: int, toggle: bool = True) -> dict[str, Any]:
             ref_opts[k].zero_grad()
 
     opts = _optimizers(model, kind)
-    engine = ZeroEngine(model, opts, ZeroConfig(stage=stage, bucket_numel=40, unit_numel=40))
+    engine = ZeroEngine(model, opts, ZeroConfig(stage=stage, bucket_numel=40, unit_numel=40, shard_size=shard_size))
 
     def zero_step(k: int) -> None:
         engine.step(optimizer=k)
@@ -150,6 +150,18 @@ def test_several_optimizers_match_ddp_under_every_stage(pools, world_size) -> No
         result = pool.run(engine_parity, *case)[0]
         print(f"ws={world_size} {case}: worst {result['worst']:.2e} (moved {result['moved']:.2e}), "
               f"whole parameters per optimizer {result['whole']}")
+        if not (result["worst"] <= TOLERANCE and result["moved"] > 1e-3):
+            failures.append((case, result))
+    assert not failures, failures
+
+
+def test_several_optimizers_under_hybrid_sharding(pools) -> None:
+    """4 ranks as 2 replicas x 2 shards. Muon and AdamW step one after the other on one backward: the second
+    step must not sum the slices it carried across groups again."""
+    failures = []
+    for case in [("muon", 2, True), ("muon", 3, True), ("gan", 2, False), ("gan", 3, True)]:
+        result = pools(4).run(engine_parity, *case, 2)[0]
+        print(f"2 x 2 {case}: worst {result['worst']:.2e} (moved {result['moved']:.2e})")
         if not (result["worst"] <= TOLERANCE and result["moved"] > 1e-3):
             failures.append((case, result))
     assert not failures, failures

@@ -90,6 +90,7 @@ class FlatBucket:
         self.reduced_in_window = False
         self.reduces_in_place = False  # stage 1: the shard is the owned slice of ``grad_full``
         self._gather: Handle | None = None
+        self.rounded = False  # gathered through int8 (see [Note: quantized gathers]): fine for compute only
         self._reduction: _Reduction | None = None
         self._empty = torch.empty(0)
 
@@ -131,12 +132,18 @@ class FlatBucket:
             param.data = self.flat.narrow(0, record.offset, record.numel).view(record.shape)
 
     # ------------------------------------------------------------------ parameters (stage 3)
-    def unshard(self, comm: Comm) -> bool:
-        """Start gathering the full buffer; False if it is already gathered or on its way."""
+    def unshard(self, comm: Comm, exact: bool = False) -> bool:
+        """Start gathering the full buffer; False if it is already gathered or on its way. ``exact``: never
+        through int8, and again exactly if it was (values read or kept, not computed with)."""
         if self.param_state is not ParamState.SHARDED:
-            return False
-        self.flat.untyped_storage().resize_(self.flat.numel() * self.flat.element_size())
-        self._gather = comm.gather_params(self.flat, self.shard, self.plan.bounds)
+            if not (exact and self.rounded):
+                return False
+            self.wait_unshard()
+        else:
+            self.flat.untyped_storage().resize_(self.flat.numel() * self.flat.element_size())
+        self.rounded = not exact and comm.quantizes(self.plan.bounds)
+        gather = comm.all_gather_quantized if self.rounded else comm.all_gather
+        self._gather = gather(self.flat, self.shard, self.plan.bounds)
         self.param_state = ParamState.GATHERING
         return True
 

@@ -354,17 +354,15 @@ class Comm:
         return self._on_stream("all_gather", launch, (flat, shard))
 
 
-    def gather_params(self, flat: torch.Tensor, shard: torch.Tensor, bounds: Bounds = None) -> Handle:
-        """Stage 3's gather of a unit's parameters for compute: quantized where the engine asked for it (even
-        slices only), else exact."""
-        if self.quantize_gathers and bounds is None and self.world_size > 1:
-            return self.all_gather_quantized(flat, shard)
-        return self.all_gather(flat, shard, bounds)
+    def quantizes(self, bounds: Bounds) -> bool:
+        """Whether stage 3's gathers for compute of a bucket with ``bounds`` travel as int8 (even slices only)."""
+        return self.quantize_gathers and bounds is None and self.world_size > 1
 
-    def all_gather_quantized(self, flat: torch.Tensor, shard: torch.Tensor) -> Handle:
+    def all_gather_quantized(self, flat: torch.Tensor, shard: torch.Tensor, bounds: Bounds = None) -> Handle:
         """As ``all_gather`` (even slices), but every rank's slice travels as int8 blocks with fp32 scales and
         ``flat`` receives the dequantized values, this rank's own slice included, so every rank computes with
         the same weights (see [Note: quantized gathers]). ``shard`` keeps the exact values."""
+        assert bounds is None, "quantized gathers take even slices"
         blocks = -(-shard.numel() // QUANT_BLOCK)
         mine, my_scales = quantize_blocks(shard.detach().reshape(-1).float(), blocks)
         quantized = mine.new_empty(self.world_size * mine.numel())

@@ -218,6 +218,8 @@ class ZeroEngine:
         ]
         self.optimizer = self.optimizers[0]  # the one optimizer, in the common case
         self._divided: set[int] = set()  # buckets whose shards were divided in this window
+        #: Hybrid sharding, several optimizers: slices already summed across groups, kept for a later step.
+        self._summed_across: dict[int, torch.Tensor] = {}
         self._toggled: dict[int, bool] = {}  # requires_grad before ``toggle``, by parameter index
         self._planned_frozen = [(r.fqn, self.params[r.index]) for r in self.layout.params
                                 if not self.layout.buckets[r.bucket].key.requires_grad]
@@ -378,6 +380,13 @@ class ZeroEngine:
         """Backwards inside accumulate locally (no collective) under the "boundary" policy."""
         return self.reducer.no_sync()
 
+    def begin_backward(self) -> None:
+        """Stage 3: tell the other ranks this rank's forward is over, whatever it ran (a collective: call it
+        on every rank before each backward; the Trainer and Fabric strategies do). Without it a forward
+        that runs no unit on some rank but units on another is not named (see [Note: unit announcements])."""
+        if self.sharder is not None:
+            self.sharder.settle(always=True)
+
     def reduce_gradients(self, optimizer: int | None = None) -> None:
         """Finish this window's reductions and turn the shards of ``optimizer``'s buckets (None: all) into
         true averaged gradients, dividing by ``dp_size * loss_scale`` once (idempotent until the step). A
@@ -412,11 +421,25 @@ class ZeroEngine:
             self._raise_unit_order_divergence()
         self.reducer.reduce_late(flags.late)
         if self.replica_group is not None:
-            all_reduce_across([b.grad_shard for b in self.reducer.order if b.grad_shard is not None
-                               and b.grad_shard.numel()], self.replica_group)
+            self._reduce_across_groups()
         if self.reducer.recording:
             self.reducer.adopt_order(all_gather_objects(self.reducer.arrival, self.dp_group)[0])
         self._flags = flags  # last: a step that raised above is not taken as reduced by a retry
+
+    def _reduce_across_groups(self) -> None:
+        """Hybrid sharding: sum each owned gradient slice over the replicas (see [Note: hybrid sharding]). A
+        slice another optimizer's step left in place was summed already: only what came since is sent."""
+        assert self.replica_group is not None
+        sent = []
+        for bucket in self.reducer.order:
+            if bucket.grad_shard is None or not bucket.grad_shard.numel():
+                continue
+            summed = self._summed_across.pop(bucket.index, None)
+            sent.append((bucket, summed, bucket.grad_shard if summed is None else bucket.grad_shard - summed))
+        all_reduce_across([new for _, _, new in sent], self.replica_group)
+        for bucket, summed, new in sent:
+            if summed is not None:
+                torch.add(summed, new, out=bucket.grad_shard)
 
     def _exchange_flags(self) -> _StepFlags:
         reducer = self.reducer
@@ -644,6 +667,8 @@ class ZeroEngine:
         buckets = self._buckets_of(self._selected(optimizer))
         if self._flags is None and not self.reducer.finished and optimizer is not None:
             self.reducer.clear(buckets)  # one optimizer's own zero_grad() between backwards: the window goes on
+            for bucket in buckets:
+                self._summed_across.pop(bucket.index, None)  # nothing of it is summed across groups any more
             return
         cleared = {bucket.index for bucket in buckets}
         read = sorted(self._divided - cleared)
@@ -655,6 +680,9 @@ class ZeroEngine:
             )
         self.reducer.clear(buckets)
         self.reducer.new_window()
+        if self.replica_group is not None and self._flags is not None:  # slices kept for another optimizer
+            self._summed_across = {b.index: b.grad_shard.clone() for b in self.trainable_buckets
+                                   if b.index not in cleared and b.grad_shard is not None}
         self._divided.clear()
         self._flags = None
         self.loss_nonfinite = False
@@ -739,7 +767,7 @@ class ZeroEngine:
         indices = sorted({r.bucket for r in self.layout.params if id(self.params[r.index]) in ids})
         buckets = [self.buckets[i] for i in indices]
         if self.sharder is not None:
-            self.sharder.gather(indices)
+            self.sharder.gather(indices, exact=True)
         before = {}
         if modifier_rank is not None:  # to move only changed values into fp32 masters (no rounding)
             before = {b.index: b.owned().clone() for b in buckets if b.own_master}
@@ -916,8 +944,8 @@ class ZeroEngine:
                         whole[self.layout.params[index].fqn] = param.detach().to("cpu", copy=True)
         return {
             "format": FORMAT,
-            "rank": self.rank,
-            "world_size": self.world_size,
+            "rank": dist.get_rank(self.dp_group),  # the job's: replicas other than 0 hold no piece
+            "world_size": self.dp_size,
             "stage": self.config.stage,
             "shapes": {r.fqn: tuple(r.shape) for r in self.layout.params},
             "aliases": {r.fqn: list(r.aliases) for r in self.layout.params if r.aliases},

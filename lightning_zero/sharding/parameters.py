@@ -50,7 +50,9 @@ after it has waited for every announcement so far and found them equal. So:
   after next prefetched (a function of the checked history, so every rank starts the same gathers);
 - a unit that must gather (a prefetch miss, a first step) waits for its announcement first;
 - the first backward hook, gradient launch or optimizer step announces "forward over" and waits, so a rank
-  that ends its forward early pairs that with the other ranks' next unit instead of a gradient reduction.
+  that ends its forward early pairs that with the other ranks' next unit instead of a gradient reduction;
+  the Trainer and Fabric strategies also announce it at the start of every backward
+  (``ZeroEngine.begin_backward``), which every rank reaches, so a forward that ran no unit at all is caught.
 Ranks that announced differently raise together, naming each rank's module (or that its forward ended) and
 the fix, before any gather pairs different modules and before any weight changes. The cost is one small
 collective per unit forward, off the critical path when the prefetch hits, and one wait per backward.
@@ -231,15 +233,16 @@ class ParameterSharder:
         self._handles.append(module.register_forward_hook(self._post_forward(position, needed)))
 
     # ------------------------------------------------------------------ gather / release
-    def _start(self, buckets: Iterable[int]) -> None:
+    def _start(self, buckets: Iterable[int], exact: bool = False) -> None:
         for index in buckets:
-            if self.buckets[index].unshard(self.comm):
+            if self.buckets[index].unshard(self.comm, exact):
                 self.gather_count += 1
 
-    def gather(self, buckets: Iterable[int]) -> None:
-        """Make ``buckets`` whole on this rank (a collective over the missing ones)."""
+    def gather(self, buckets: Iterable[int], exact: bool = False) -> None:
+        """Make ``buckets`` whole on this rank (a collective over the missing ones). ``exact``: for values
+        read or kept rather than computed with, never rounded by ``quantize_gathers``."""
         buckets = list(buckets)
-        self._start(buckets)
+        self._start(buckets, exact)
         for index in buckets:
             self.buckets[index].wait_unshard()
 
@@ -281,7 +284,7 @@ class ParameterSharder:
     def gather_all(self) -> None:
         """Whole model on every rank until ``release_all`` (no-grad loops: one gather for the loop, so
         ranks that run different numbers of forward calls never wait on each other)."""
-        self.gather(range(len(self.buckets)))
+        self.gather(range(len(self.buckets)), exact=True)
         self.hold_all = True
 
     def release_all(self) -> None:
@@ -384,10 +387,12 @@ class ParameterSharder:
             if len(set(rows)) > 1:
                 raise self._divergence(rows)
 
-    def settle(self) -> None:
+    def settle(self, always: bool = False) -> None:
         """This rank's forward is over (a backward or an optimizer step begins): agree on that with the
-        other ranks before any collective of the backward or step. Once per forward; a collective."""
-        if not self._settled and not self.hold_all and not self.evaluating:
+        other ranks before any collective of the backward or step. Once per forward, or ``always`` (at a
+        point every rank reaches, such as the start of each backward: a forward that ran no unit then still
+        pairs with the other ranks' next announcement). A collective."""
+        if (always or not self._settled) and not self.hold_all and not self.evaluating:
             self._announce(0)
             self._verify()
             self._settled = True
