@@ -420,8 +420,7 @@ class ZeroStrategy(SharedStrategyMethods, DDPStrategy):
         sharded = engine.sharded(optimizer)
         if self._sharded_save:
             return {"lightning_zero": "sharded", "param_groups": sharded.param_groups()}
-        # only rank 0 writes the file; under hybrid sharding only replica 0's first rank keeps the state
-        return sharded.full_state_dict(engine.group, rank=0 if engine.replica == 0 else -1)
+        return sharded.full_state_dict(engine.group, rank=engine.keeper(0))  # only rank 0 writes the file
 
     @override
     def save_checkpoint(

@@ -337,9 +337,7 @@ class Comm:
         """
         _count("all_gather", flat)
         if not self.native or (bounds is not None and self.gloo):  # gloo's all_gather takes even pieces only
-            if 1 < self.world_size <= BROADCAST_GATHER_MAX_WORLD or bounds is not None:
-                return Handle(_all_gather_by_broadcasts(flat, shard, group=self.group, bounds=bounds))
-            return Handle(_all_gather(flat, shard, group=self.group, async_op=True))
+            return Handle(self._gloo_gather(flat, shard, bounds))
         if bounds is not None:  # the list form: NCCL runs uneven pieces as one coalesced broadcast per rank
             pieces = [flat.narrow(0, lo, size) for lo, size in _ranges(flat, self.world_size, bounds)]
 
@@ -369,13 +367,21 @@ class Comm:
         scales = my_scales.new_empty(self.world_size * blocks)
         _count("all_gather", quantized)
         _count("all_gather", scales)
-        if not self.native and 1 < self.world_size <= BROADCAST_GATHER_MAX_WORLD:
-            works = [_all_gather_by_broadcasts(quantized, mine, group=self.group),
-                     _all_gather_by_broadcasts(scales, my_scales, group=self.group)]
-        else:
-            works = [_all_gather(quantized, mine, group=self.group, async_op=True),
-                     _all_gather(scales, my_scales, group=self.group, async_op=True)]
+
+        def start(out: torch.Tensor, own: torch.Tensor) -> Work | _AllOf:
+            if self.native:
+                return _all_gather(out, own, group=self.group, async_op=True)
+            return self._gloo_gather(out, own)
+
+        works = [start(quantized, mine), start(scales, my_scales)]
         return Handle(_Dequantized(works, flat, quantized, scales, self.world_size, blocks))
+
+    def _gloo_gather(self, flat: torch.Tensor, shard: torch.Tensor, bounds: Bounds = None) -> Work | _AllOf:
+        """gloo's all-gather path ("auto"): broadcasts in place up to ``BROADCAST_GATHER_MAX_WORLD`` ranks and
+        for uneven slices (see ``all_gather``), else gloo's own all-gather."""
+        if 1 < self.world_size <= BROADCAST_GATHER_MAX_WORLD or bounds is not None:
+            return _all_gather_by_broadcasts(flat, shard, group=self.group, bounds=bounds)
+        return _all_gather(flat, shard, group=self.group, async_op=True)
 
 
 def broadcast_from(tensors: list[torch.Tensor], group: ProcessGroup | None, source: int = 0) -> None:

@@ -33,8 +33,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-import zlib
-from array import array
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -417,8 +415,6 @@ class ZeroEngine:
         self._check_trainability_unchanged()
         self.reducer.finish()
         flags = self._exchange_flags()
-        if flags.order_hashes.count(flags.order_hashes[0]) != len(flags.order_hashes):
-            self._raise_unit_order_divergence()
         self.reducer.reduce_late(flags.late)
         if self.replica_group is not None:
             self._reduce_across_groups()
@@ -449,41 +445,20 @@ class ZeroEngine:
         # aminmax propagates NaN and shows an inf: exact in one pass, and no host read here.
         extremes = torch.stack([torch.stack(torch.aminmax(s)).float() for s in shards]) if shards else None
         grad_nonfinite = (~torch.isfinite(extremes)).any() if extremes is not None else torch.tensor(False)
-        units = self.sharder.window_units if self.sharder is not None else []
-        order_hash = zlib.crc32(array("q", units).tobytes()).to_bytes(4, "little") if units else bytes(4)
-        # One byte per flag: had a gradient (per parameter), late gradients (per bucket), loss and gradient
-        # not finite, then the 4 bytes of stage 3's unit-order hash.
-        host = torch.tensor([*reducer.had_grad, *reducer.late_buckets(), 0, 0, *order_hash], dtype=torch.uint8)
+        # One byte per flag: had a gradient (per parameter), late gradients (per bucket), loss and gradient not
+        # finite. (Stage 3's units agree unit by unit before this: see [Note: unit announcements].)
+        host = torch.tensor([*reducer.had_grad, *reducer.late_buckets(), 0, 0], dtype=torch.uint8)
         local = host.to(self.device)
-        local[-6] = torch.as_tensor(self.loss_nonfinite, device=self.device).to(torch.uint8)
-        local[-5] = grad_nonfinite.to(device=self.device, dtype=torch.uint8)
+        local[-2] = torch.as_tensor(self.loss_nonfinite, device=self.device).to(torch.uint8)
+        local[-1] = grad_nonfinite.to(device=self.device, dtype=torch.uint8)
         rows = exchange_flags(local, self.dp_group)
         count = len(reducer.had_grad)
         return _StepFlags(
             had_grad=rows[:, :count].amax(0).bool().tolist(),
-            late=rows[:, count:-6].amax(0).bool().tolist(),
-            loss_nonfinite=[r for r in range(self.dp_size) if rows[r, -6]],
-            grad_nonfinite=[r for r in range(self.dp_size) if rows[r, -5]],
-            order_hashes=[bytes(row[-4:].tolist()) for row in rows],
+            late=rows[:, count:-2].amax(0).bool().tolist(),
+            loss_nonfinite=[r for r in range(self.dp_size) if rows[r, -2]],
+            grad_nonfinite=[r for r in range(self.dp_size) if rows[r, -1]],
         )
-
-    def _raise_unit_order_divergence(self) -> None:
-        """Name the first unit where ranks' forwards differed in this window (a collective)."""
-        assert self.sharder is not None
-        orders = all_gather_objects(self.sharder.window_units, self.dp_group)
-        names = self.sharder.units
-        for rank, order in enumerate(orders[1:], start=1):
-            for position in range(max(len(orders[0]), len(order))):
-                first = names[orders[0][position]] if position < len(orders[0]) else "nothing"
-                other = names[order[position]] if position < len(order) else "nothing"
-                if first != other:
-                    raise RuntimeError(
-                        f"ZeRO stage 3 needs every rank to run the same modules in the same order, but in this step "
-                        f"forward call {position} ran {first!r} on rank 0 and {other!r} on rank {rank}: their "
-                        "gathers would pair up wrong. No weight was updated. Call every module on every rank (a "
-                        "rank-dependent head or an early exit: run it on all ranks and mask its output), or use "
-                        "zero1/zero2, which allow it."
-                    )
 
     def found_nonfinite_gradient(self) -> bool:
         """Whether any rank's gradient shard holds an inf or NaN (a collective; same answer everywhere)."""
@@ -686,8 +661,6 @@ class ZeroEngine:
         self._divided.clear()
         self._flags = None
         self.loss_nonfinite = False
-        if self.sharder is not None:
-            self.sharder.window_units.clear()
         self._close_traffic_window()
 
     def _close_traffic_window(self) -> None:
@@ -737,12 +710,16 @@ class ZeroEngine:
     def full_optimizer_state(self, rank: int | None = None) -> dict[str, Any]:
         """Every optimizer's state keyed by FQN, their param groups one optimizer after another (a collective;
         ``rank``: only that rank keeps the tensors)."""
-        keeper = rank if rank is None or self.replica == 0 else -1  # ``rank`` of the job: replica 0 holds it
-        fulls = [sharded.full_state_dict(self.group, keeper) for sharded in self.optimizers]
+        fulls = [sharded.full_state_dict(self.group, self.keeper(rank)) for sharded in self.optimizers]
         if len(fulls) == 1:
             return fulls[0]
         return {"state": {fqn: values for full in fulls for fqn, values in full["state"].items()},
                 "param_groups": [group for full in fulls for group in full["param_groups"]]}
+
+    def keeper(self, rank: int | None) -> int | None:
+        """The sharding-group rank that keeps a gathered whole for the job's ``rank`` (None: every rank; -1:
+        none in this group): under hybrid sharding only replica 0's group keeps it."""
+        return rank if rank is None or self.replica == 0 else -1
 
     def _authoritative_shard(self, bucket: FlatBucket) -> torch.Tensor | None:
         """The slice that holds ``bucket``'s true values when the full parameters do not (a master in a wider
@@ -1060,4 +1037,3 @@ class _StepFlags:
     late: list[bool]  # per bucket in launch order: some rank holds late gradients for it
     loss_nonfinite: list[int]  # ranks whose loss was not finite
     grad_nonfinite: list[int]  # ranks whose gradient shards held an inf or NaN
-    order_hashes: list[bytes]  # per rank: stage 3's units run in this window (zeros otherwise)

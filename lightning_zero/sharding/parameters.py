@@ -25,7 +25,7 @@ still reduce-scattered and their optimizer state still sharded; the memory cost 
 
 [Note: agreed gathers]
 A unit's all-gather is a collective, so every rank must gather the same units in the same order. Training
-steps are equal in number on every rank, and their order is checked at each step (``window_units``).
+steps are equal in number on every rank, and each unit's forward is announced (see [Note: unit announcements]).
 Evaluation loops are not: the last batch, or generation of different lengths, gives ranks different
 numbers of forward calls. So in an evaluation loop every unit's forward first agrees with the other ranks:
 one all-gather of two integers per rank (the unit, and how many units this rank has open around it) and
@@ -179,7 +179,7 @@ class ParameterSharder:
         self.check_gathers = check_gathers
         # See [Note: unit announcements]: the announcements on their way, whether this forward is settled,
         # and the group they travel on (host memory: no device synchronisation).
-        self._announced: list[tuple[FlagExchange, int]] = []
+        self._announced: list[FlagExchange] = []
         self._settled = True
         self.announcements = 0
         self._host_group = host_group(comm.group)
@@ -194,13 +194,11 @@ class ParameterSharder:
         self.prefetch_count = 0  # gathers started ahead of their unit
         # [Note: prefetch] A unit's forward starts the all-gather of the unit that came next in the
         # previous forward, and a unit's backward that of the unit before it, so communication overlaps
-        # compute. The order is recorded per rank and checked equal across ranks at every step
-        # (``window_units``), so every rank starts the same gathers in the same order.
+        # compute. The order is recorded per rank, and equal across ranks because every unit's forward is
+        # announced (see [Note: unit announcements]), so every rank starts the same gathers in the same order.
         self._previous_order: list[tuple[int, ...]] = []
         self._order: list[tuple[int, ...]] = []
         self._last_position: dict[tuple[int, ...], int] = {}
-        #: The units (by position in ``units``) whose forward ran in this optimizer step's window, in order.
-        self.window_units: list[int] = []
         self.units = tuple(units)
         self.hold_all = False  # inside a no-grad loop: everything stays gathered
         self._callback_queued = False
@@ -313,7 +311,6 @@ class ParameterSharder:
             if missing or self.check_gathers:
                 self._verify()  # before this rank starts a gather the others may not
             self.gather(needed)
-            self.window_units.append(position)
             self._last_position[key] = len(self._order)
             self._order.append(key)
             if missing:
@@ -373,7 +370,7 @@ class ParameterSharder:
     def _announce(self, code: int) -> None:
         """Start telling the other ranks what this rank does next (see [Note: unit announcements])."""
         mine = torch.tensor([code, len(self._order)], dtype=torch.int64)
-        self._announced.append((FlagExchange(mine, self._host_group), code))
+        self._announced.append(FlagExchange(mine, self._host_group))
         self.announcements += 1
         if code > 0:
             self._settled = False
@@ -382,7 +379,7 @@ class ParameterSharder:
         """Wait for the announcements on their way; raise on every rank if the ranks announced different
         things."""
         announced, self._announced = self._announced, []
-        for exchange, _ in announced:
+        for exchange in announced:
             rows = [tuple(row) for row in exchange.rows("the other ranks' next stage 3 unit").tolist()]
             if len(set(rows)) > 1:
                 raise self._divergence(rows)
