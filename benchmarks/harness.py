@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import queue
 import socket
@@ -17,6 +18,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 WORLD = 2
+BLOCK = 64  # the example GPT's context (tokens per sequence)
 
 
 def common_arguments(parser: argparse.ArgumentParser) -> None:
@@ -44,11 +46,11 @@ def ratio_rows(medians: dict[str, list[float]], reference: str = "ddp") -> list[
             for name, times in medians.items()]
 
 
-def time_gpt_steps(system: str, rank: int, model_args: tuple[int, ...], batch_size: int, warmup: int, steps: int,
-                   on_warm: Callable[[], None] = lambda: None) -> list[float]:
-    """Step times of the example GPT (fp32 AdamW, accumulate 1) under ``system`` ("ddp" for torch DDP, or
-    "zero1"/"zero2"/"zero3"), after ``warmup`` steps; ``on_warm`` runs once the warm-up is over. Every rank
-    draws its own batches; a barrier starts each step."""
+def gpt_step(system: str, model_args: tuple[int, ...], accumulate: int = 1,
+             **config: Any) -> tuple[Callable[[torch.Tensor, torch.Tensor], None], Callable[[], None]]:
+    """One optimizer step of a fresh example GPT (fp32 AdamW, seed 0) under ``system`` ("ddp" for torch DDP,
+    or "zero1"/"zero2"/"zero3" with ``config``'s other ``ZeroConfig`` fields), as ``one_step(x, y)`` over
+    ``accumulate`` micro-batches of ``x``; and a ``close()``."""
     from gpt import GPT
 
     from lightning_zero import ZeroConfig, ZeroEngine
@@ -56,25 +58,38 @@ def time_gpt_steps(system: str, rank: int, model_args: tuple[int, ...], batch_si
     torch.manual_seed(0)
     model = GPT(*model_args)
     optimizers = [torch.optim.AdamW(model.parameters(), lr=1e-3)]
-    engine = None if system == "ddp" else ZeroEngine(model, optimizers, ZeroConfig(stage=int(system[-1])))
-    times = time_steps(model, optimizers, engine, rank, batch_size, warmup, steps, on_warm)
-    if engine is not None:
-        engine.close()
+    engine = None if system == "ddp" else ZeroEngine(model, optimizers, ZeroConfig(stage=int(system[-1]), **config))
+    return make_step(model, optimizers, engine, accumulate), (engine.close if engine is not None else lambda: None)
+
+
+def time_gpt_steps(system: str, rank: int, model_args: tuple[int, ...], batch_size: int, warmup: int, steps: int,
+                   on_warm: Callable[[], None] = lambda: None, accumulate: int = 1, **config: Any) -> list[float]:
+    """Step times of ``gpt_step(system, model_args, accumulate, **config)``, after ``warmup`` steps; ``on_warm``
+    runs once the warm-up is over. Every rank draws its own batches; a barrier starts each step."""
+    one_step, close = gpt_step(system, model_args, accumulate, **config)
+    times = time_loop(one_step, BLOCK, rank, batch_size * accumulate, warmup, steps, on_warm)
+    close()
     return times
 
 
-def time_steps(model: torch.nn.Module, optimizers: Sequence[torch.optim.Optimizer], engine: Any, rank: int,
-               batch_size: int, warmup: int, steps: int, on_warm: Callable[[], None] = lambda: None) -> list[float]:
-    """Step times of the example GPT ``model`` with ``optimizers``, under torch DDP (``engine`` None) or the
-    ZeRO ``engine`` that shards them, after ``warmup`` steps. Every rank draws its own batches; a barrier
-    starts each step."""
+def make_step(model: torch.nn.Module, optimizers: Sequence[torch.optim.Optimizer], engine: Any,
+              accumulate: int = 1) -> Callable[[torch.Tensor, torch.Tensor], None]:
+    """``one_step(x, y)``: the example GPT ``model`` with ``optimizers``, under torch DDP (``engine`` None) or
+    the ZeRO ``engine`` that shards them; ``x`` split into ``accumulate`` micro-batches (the ones before the
+    last inside ``no_sync()``, as Lightning runs them), then the optimizer step."""
     from torch.nn.parallel import DistributedDataParallel
 
     net = DistributedDataParallel(model) if engine is None else model
+    no_sync = net.no_sync if engine is None else engine.no_sync
 
     def one_step(x: torch.Tensor, y: torch.Tensor) -> None:
-        logits = net(x)
-        torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1)).backward()
+        for micro, (xs, ys) in enumerate(zip(x.chunk(accumulate), y.chunk(accumulate))):
+            with no_sync() if micro < accumulate - 1 else contextlib.nullcontext():
+                logits = net(xs)
+                loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), ys.reshape(-1))
+                if engine is not None:
+                    engine.begin_backward()  # as the strategies do before every backward
+                loss.backward()
         for which, optimizer in enumerate(optimizers):
             if engine is None:
                 optimizer.step()
@@ -82,7 +97,44 @@ def time_steps(model: torch.nn.Module, optimizers: Sequence[torch.optim.Optimize
             else:
                 engine.step(optimizer=which)
 
-    return time_loop(one_step, model.block, rank, batch_size, warmup, steps, on_warm)
+    return one_step
+
+
+def time_steps(model: torch.nn.Module, optimizers: Sequence[torch.optim.Optimizer], engine: Any, rank: int,
+               batch_size: int, warmup: int, steps: int, on_warm: Callable[[], None] = lambda: None,
+               accumulate: int = 1) -> list[float]:
+    """Step times of ``make_step(model, optimizers, engine, accumulate)`` with micro-batches of ``batch_size``,
+    after ``warmup`` steps. Every rank draws its own batches; a barrier starts each step."""
+    return time_loop(make_step(model, optimizers, engine, accumulate), model.block, rank, batch_size * accumulate,
+                     warmup, steps, on_warm)
+
+
+def time_interleaved(steps: dict[str, Callable[[torch.Tensor, torch.Tensor], None]], rank: int, batch_size: int,
+                     warmup: int, rounds: int,
+                     around: Callable[[str, bool], contextlib.AbstractContextManager[Any]] | None = None,
+                     ) -> dict[str, list[float]]:
+    """One step of each of ``steps`` in turn, round after round (the order rotated by one each round), so
+    every system is timed seconds from the others and a slow minute of the machine slows them all alike.
+    ``around(name, timed)`` wraps each step. Returns name -> step time of each round after ``warmup``. Every
+    rank draws its own batches, the same for every system in a round; a barrier starts each step."""
+    from gpt import corpus, sample_batch
+
+    data = corpus()
+    generator = torch.Generator().manual_seed(rank)
+    names = list(steps)
+    times: dict[str, list[float]] = {name: [] for name in names}
+    for round_ in range(warmup + rounds):
+        x, y = sample_batch(data, batch_size, BLOCK, generator)
+        shift = round_ % len(names)
+        for name in names[shift:] + names[:shift]:
+            dist.barrier()
+            with around(name, round_ >= warmup) if around else contextlib.nullcontext():
+                start = time.perf_counter()
+                steps[name](x, y)
+                elapsed = time.perf_counter() - start
+            if round_ >= warmup:
+                times[name].append(elapsed)
+    return times
 
 
 def time_loop(one_step: Callable[[torch.Tensor, torch.Tensor], None], block: int, rank: int, batch_size: int,

@@ -24,7 +24,8 @@ warm-up step, then one measured step:
   reduce-scatter and all-gather the full buffer n, broadcast n) by wrapping the ``torch.distributed``
   collectives; DDP's C++ all-reduce is routed through the stock ``allreduce_hook`` so it is seen. For
   lightning_zero the engine's own ``collectives.traffic`` (the counted wrappers must agree: checked).
-  On the wire gloo runs a reduce-scatter as an all-reduce plus a chunk, so it really moves 2n there.
+  On the wire gloo's own reduce-scatter (FSDP's) is an all-reduce plus a chunk, so it really moves 2n there;
+  lightning_zero's sends move n.
 Writes benchmarks/results/peers.json, peers.md and peers.png (``--name`` for another name).
 """
 
@@ -148,7 +149,6 @@ def install_counters() -> None:
 
     from lightning_zero.sharding import collectives
 
-    plain_all_reduce = distributed_c10d.all_reduce
     for name in _COLLECTIVES:
         original = getattr(distributed_c10d, name, None)
         if original is None:
@@ -159,9 +159,9 @@ def install_counters() -> None:
             setattr(dist, name, wrapped)
     collectives._reduce_scatter = dist.reduce_scatter_single
     collectives._all_gather = dist.all_gather_single
-    # On gloo lightning_zero runs a reduce-scatter as an in-place all-reduce: count it as the reduce-scatter.
-    collectives._all_reduce_for_reduce_scatter = _counting(
-        "all_reduce", plain_all_reduce, ("reduce_scatter", lambda a: _nbytes([a["tensor"]])))
+    # On gloo lightning_zero runs a reduce-scatter as point-to-point sends: count it as the reduce-scatter.
+    collectives._reduce_scatter_by_sends = _counting(
+        "reduce_scatter", collectives._reduce_scatter_by_sends, ("reduce_scatter", lambda a: _nbytes([a["flat"]])))
     # ... and an all-gather as one broadcast per rank of its slice (not counted again inside).
     collectives._all_gather_by_broadcasts = _counting(
         "all_gather", collectives._all_gather_by_broadcasts, ("all_gather", lambda a: _nbytes([a["flat"]])))
@@ -514,6 +514,8 @@ def _speed_worker(rank: int, args: argparse.Namespace) -> dict[str, list[float]]
     """Per repeat, every case in turn (rotated by one each repeat); returns case key -> median step time of
     each repeat."""
     torch.set_num_threads(1)
+    if args.interleave == "step":
+        return _step_interleaved(rank, args)
     medians: dict[str, list[float]] = {}
     windows = args.warmup + args.steps
     for repeat in range(args.repeats):
@@ -537,6 +539,31 @@ def _speed_worker(rank: int, args: argparse.Namespace) -> dict[str, list[float]]
             gc.collect()
             medians.setdefault(f"{case.name}@{case.accumulate}", []).append(statistics.median(times))
     return medians
+
+
+def _step_interleaved(rank: int, args: argparse.Namespace) -> dict[str, list[float]]:
+    """Every (bare-loop) case built at once in this process, then one optimizer step of each in turn, round
+    after round (the order rotated by one each round): a system and DDP are timed seconds apart, so a slow
+    minute of the machine slows both. Returns case key -> step time of each timed round."""
+    runners = {case: build(case.system, args.size, case.accumulate, case.policy, args.batch_size, False)
+               for case in args.cases}
+    rounds = args.warmup + args.repeats * args.steps
+    accumulate = args.cases[0].accumulate
+    batches = _batches(rounds * accumulate, args.batch_size, rank)
+    times: dict[str, list[float]] = {f"{case.name}@{case.accumulate}": [] for case in args.cases}
+    for round_ in range(rounds):
+        shift = round_ % len(args.cases)
+        for case in args.cases[shift:] + args.cases[:shift]:
+            runner = runners[case]
+            dist.barrier()
+            start = time.perf_counter()
+            _window(runner, batches[round_ * accumulate:(round_ + 1) * accumulate])
+            runner.zero_grad()
+            if round_ >= args.warmup:
+                times[f"{case.name}@{case.accumulate}"].append(time.perf_counter() - start)
+    for runner in runners.values():
+        runner.close()
+    return times
 
 
 # ---------------------------------------------------------------------------------------------- accounting
@@ -594,6 +621,8 @@ def run_speed(args: argparse.Namespace, systems: list[str], preload: list[str]) 
         run_args = argparse.Namespace(**vars(args), size=size, cases=cases(systems, accumulate, True))
         print(f"speed: {size} at accumulate {accumulate}, {len(run_args.cases)} systems x {args.repeats} repeats",
               flush=True)
+        if args.interleave == "step":
+            run_args.cases = [case for case in run_args.cases if case.system not in LIGHTNING]
         medians = run_pinned(_speed_worker, run_args, world=2, preload=preload)
         base = medians.get(f"ddp@{accumulate}")
         lightning_base = medians.get(f"lightning_ddp@{accumulate}")
@@ -837,6 +866,10 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--steps", type=int, default=4, help="timed optimizer steps per run")
     parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--interleave", choices=("run", "step"), default="run",
+                        help="run: each system's run in turn, each built afresh; step: every bare-loop system "
+                             "built at once, one optimizer step of each in turn (--repeats x --steps rounds; "
+                             "Lightning rows are left out)")
     parser.add_argument("--batch-size", type=int, default=8, help="micro-batch (sequences of 64 tokens), speed")
     parser.add_argument("--name", default="peers",
                         help="results go to benchmarks/results/NAME.json, .md and .png (default: peers)")

@@ -19,7 +19,7 @@ def native_parity(stage: int, optimizer: str, accumulate: int, policy: str,
                   clip: tuple[str, float] | None) -> dict[str, object]:
     calls: list[str] = []
     originals = (collectives._reduce_scatter, collectives._all_gather,
-                 collectives._all_reduce_for_reduce_scatter, collectives._all_gather_by_broadcasts)
+                 collectives._reduce_scatter_by_sends, collectives._all_gather_by_broadcasts)
 
     def counted(name: str, function):  # noqa: ANN001, ANN202
         def wrapper(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
@@ -29,7 +29,7 @@ def native_parity(stage: int, optimizer: str, accumulate: int, policy: str,
 
     collectives._reduce_scatter = counted("reduce_scatter_tensor", originals[0])
     collectives._all_gather = counted("all_gather_into_tensor", originals[1])
-    collectives._all_reduce_for_reduce_scatter = counted("gloo substitute", originals[2])
+    collectives._reduce_scatter_by_sends = counted("gloo substitute", originals[2])
     collectives._all_gather_by_broadcasts = counted("gloo substitute", originals[3])
     try:
         model, reference = twin_models()
@@ -40,7 +40,7 @@ def native_parity(stage: int, optimizer: str, accumulate: int, policy: str,
         engine.materialize_module()
     finally:
         (collectives._reduce_scatter, collectives._all_gather,
-         collectives._all_reduce_for_reduce_scatter, collectives._all_gather_by_broadcasts) = originals
+         collectives._reduce_scatter_by_sends, collectives._all_gather_by_broadcasts) = originals
     engine.close()
     return {"worst": max(relative_errors(model, reference).values()), "calls": sorted(set(calls))}
 

@@ -16,23 +16,23 @@ def count_collectives(stage: int, policy: str, accumulate: int) -> dict[str, obj
     engine, _ = train_zero(model, "sgd", 0, ZeroConfig(stage=stage, bucket_numel=150, reduce_policy=policy))
     calls: list[tuple[str, torch.dtype]] = []
     original_rs, original_ag = collectives._reduce_scatter, collectives._all_gather
-    original_ar = collectives._all_reduce_for_reduce_scatter  # how gloo runs a reduce-scatter
+    original_sends = collectives._reduce_scatter_by_sends  # how gloo runs a reduce-scatter
     original_bc = collectives._all_gather_by_broadcasts  # ... and an all-gather
 
     def reduce_scatter(output, flat, **kwargs):
         calls.append(("reduce_scatter", flat.dtype))
         return original_rs(output, flat, **kwargs)
 
-    def reduce_scatter_by_all_reduce(flat, **kwargs):
+    def reduce_scatter_by_sends(output, flat, *args):
         calls.append(("reduce_scatter", flat.dtype))
-        return original_ar(flat, **kwargs)
+        return original_sends(output, flat, *args)
 
     def all_gather(flat, shard, **kwargs):
         calls.append(("all_gather", flat.dtype))
         return (original_bc if dist.get_backend() == "gloo" else original_ag)(flat, shard, **kwargs)
 
     collectives._reduce_scatter, collectives._all_gather = reduce_scatter, all_gather
-    collectives._all_reduce_for_reduce_scatter = reduce_scatter_by_all_reduce
+    collectives._reduce_scatter_by_sends = reduce_scatter_by_sends
     collectives._all_gather_by_broadcasts = all_gather
     per_micro_batch = []
     grads_after_backward = []
@@ -51,7 +51,7 @@ def count_collectives(stage: int, policy: str, accumulate: int) -> dict[str, obj
         at_step = [name for name, _ in calls[before:]]
     finally:
         collectives._reduce_scatter, collectives._all_gather = original_rs, original_ag
-        collectives._all_reduce_for_reduce_scatter = original_ar
+        collectives._reduce_scatter_by_sends = original_sends
         collectives._all_gather_by_broadcasts = original_bc
     trainable = sum(b.trainable for b in engine.layout.buckets)
     engine.close()

@@ -111,28 +111,55 @@ def _failed(exc: BaseException, what: str) -> CollectiveError:
 # torch 2.13 renamed the tensor forms; fall back so older floors keep working.
 _reduce_scatter = getattr(dist, "reduce_scatter_single", dist.reduce_scatter_tensor)
 _all_gather = getattr(dist, "all_gather_single", dist.all_gather_into_tensor)
-_all_reduce_for_reduce_scatter = dist.all_reduce  # gloo's reduce-scatter path (see Comm.reduce_scatter)
+_isend, _irecv = dist.isend, dist.irecv  # gloo's reduce-scatter path (see Comm.reduce_scatter)
 _broadcast = dist.broadcast  # gloo's all-gather path (see Comm.all_gather)
 _reduce_scatter_list, _all_gather_list = dist.reduce_scatter, dist.all_gather  # uneven slices, native path
 
 
-class _SliceOfAllReduce:
-    """The handle of a reduce-scatter run as an in-place all-reduce: waiting copies this rank's slice
-    (``start``, the size of ``output``) out."""
+class _SummedPieces:
+    """The handle of gloo's reduce-scatter by sends: waiting adds the pieces of this rank's slice that the other
+    ranks sent (in rank order) into ``own``, this rank's slice of the full buffer, and copies it to ``output``."""
 
-    def __init__(self, work: Work, output: torch.Tensor, flat: torch.Tensor, start: int) -> None:
-        self.work, self.start = work, start
-        self.output: torch.Tensor | None = output
-        self.flat: torch.Tensor | None = flat
+    def __init__(self, works: list[Work], own: torch.Tensor, received: list[torch.Tensor],
+                 output: torch.Tensor) -> None:
+        self.works = works
+        self.own: torch.Tensor | None = own
+        self.received, self.output = received, output
 
     def wait(self) -> bool:
-        self.work.wait()
-        if self.output is not None and self.flat is not None:
-            owned = self.flat.narrow(0, self.start, self.output.numel())
-            if owned.data_ptr() != self.output.data_ptr():
-                self.output.copy_(owned)
-        self.output = self.flat = None  # the handle outlives the wait (wait_all keeps it); the buffers need not
+        for work in self.works:
+            work.wait()
+        if self.own is not None:
+            for piece in self.received:
+                self.own.add_(piece)
+            if self.own.data_ptr() != self.output.data_ptr():
+                self.output.copy_(self.own)
+        self.own, self.received = None, []  # the handle outlives the wait (wait_all keeps it); buffers need not
         return True
+
+
+#: Point-to-point tags of gloo's reduce-scatter start here, far above the small tags users and torch use.
+_EXCHANGE_TAG = 1 << 30
+
+
+def _reduce_scatter_by_sends(output: torch.Tensor, flat: torch.Tensor, group: ProcessGroup | None, bounds: Bounds,
+                             tag: int) -> _SummedPieces:
+    """gloo's reduce-scatter path, asynchronous: each rank sends every other rank that rank's piece of ``flat``
+    and receives its own piece from each of them, ``(N-1)/N`` of the buffer each way per rank; ``tag`` (the
+    same on every rank for the same call) keeps calls in flight at once apart."""
+    ranges = _ranges(flat, dist.get_world_size(group), bounds)
+    me = dist.get_rank(group)
+    start, size = ranges[me]
+    works, received = [], []
+    for peer, (lo, count) in enumerate(ranges):
+        if peer == me:
+            continue
+        if count:
+            works.append(_isend(flat.narrow(0, lo, count), group=group, group_dst=peer, tag=tag))
+        if size:
+            received.append(flat.new_empty(size))
+            works.append(_irecv(received[-1], group=group, group_src=peer, tag=tag))
+    return _SummedPieces(works, flat.narrow(0, start, size), received, output)
 
 
 class _AllOf:
@@ -175,7 +202,7 @@ class Handle:
     """One launched collective. ``wait()`` orders the caller's stream after it (CUDA: the compute stream waits
     an event, the host does not block; CPU: the host waits) and drops the buffers it kept alive."""
 
-    def __init__(self, work: Work | _AllOf | _SliceOfAllReduce | _Dequantized | None, event: Any = None,
+    def __init__(self, work: Work | _AllOf | _SummedPieces | _Dequantized | None, event: Any = None,
                  module: Any = None, keep: tuple[torch.Tensor, ...] = (), device: torch.device | None = None,
                  then: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
         self.work, self.event, self.module, self.keep, self.device = work, event, module, keep, device
@@ -272,6 +299,7 @@ class Comm:
         self.device = device
         self.gloo = dist.get_backend(group) == "gloo"
         self.native = path == "native" or not self.gloo
+        self._exchanges = 0  # reduce-scatters by sends so far: the next one's tag (the same count on every rank)
         self._streams: dict[str, Any] = {}
         if device.type not in ("cpu", "meta"):
             module = torch.get_device_module(device)
@@ -301,15 +329,16 @@ class Comm:
         see [Note: whole parameters]).
 
         ``output`` may be this rank's own slice of ``flat`` (in place); the rest of ``flat`` is scratch after
-        the call. On gloo ("auto"), whose reduce-scatter is an all-reduce of a copy followed by a chunk copy
-        (twice the time of the all-reduce alone, measured on torch 2.13), the all-reduce runs in place on
-        ``flat`` instead: the same sums, half the time. Counted as the logical reduce-scatter it is.
+        the call. gloo's own reduce-scatter is an all-reduce of a copy followed by a chunk copy: every rank
+        sends and receives the whole buffer, and twice the time of the all-reduce alone (measured on torch
+        2.13). On gloo ("auto") each rank instead sends the other ranks their pieces and adds the pieces it
+        receives: ``(N-1)/N`` of the buffer each way, as NCCL's ring moves (see ``_reduce_scatter_by_sends``).
         """
         _count("reduce_scatter", flat)
-        start = _ranges(flat, self.world_size, bounds)[self.rank][0]
         if not self.native:
-            work = _all_reduce_for_reduce_scatter(flat, op=dist.ReduceOp.SUM, group=self.reduce_group, async_op=True)
-            return Handle(_SliceOfAllReduce(work, output, flat, start))
+            self._exchanges += 1
+            tag = _EXCHANGE_TAG + self._exchanges % _EXCHANGE_TAG
+            return Handle(_reduce_scatter_by_sends(output, flat, self.reduce_group, bounds, tag))
         if bounds is not None:  # the list form: NCCL runs uneven pieces as one coalesced reduce per rank
             pieces = [flat.narrow(0, lo, size) for lo, size in _ranges(flat, self.world_size, bounds)]
             result = torch.empty_like(output)
