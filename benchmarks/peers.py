@@ -452,13 +452,14 @@ class Case:
         return self.system if self.policy == "auto" else f"{self.system}/{self.policy}"
 
 
-def cases(systems: Iterable[str], accumulate: int, lightning: bool) -> list[Case]:
-    """The rows to run at ``accumulate``: both policies for the zero stages when it is above 1."""
+def cases(systems: Iterable[str], accumulate: int, lightning: bool,
+          policy_choice: Iterable[str] = POLICIES) -> list[Case]:
+    """The rows to run at ``accumulate``: each of ``policy_choice`` for the zero stages when it is above 1."""
     out = []
     for system in systems:
         if system in LIGHTNING and (not lightning or accumulate != 1):
             continue
-        policies = POLICIES if system in ZERO and accumulate > 1 else ("auto",)
+        policies = policy_choice if system in ZERO and accumulate > 1 else ("auto",)
         out.extend(Case(system, accumulate, policy) for policy in policies)
     return out
 
@@ -618,7 +619,7 @@ def run_speed(args: argparse.Namespace, systems: list[str], preload: list[str]) 
     """Interleaved timing at world size 2, one launch per (size, accumulation) pair of ``--speed``."""
     rows = []
     for size, accumulate in args.speed:
-        run_args = argparse.Namespace(**vars(args), size=size, cases=cases(systems, accumulate, True))
+        run_args = argparse.Namespace(**vars(args), size=size, cases=cases(systems, accumulate, True, args.policies))
         print(f"speed: {size} at accumulate {accumulate}, {len(run_args.cases)} systems x {args.repeats} repeats",
               flush=True)
         if args.interleave == "step":
@@ -866,6 +867,9 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--steps", type=int, default=4, help="timed optimizer steps per run")
     parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--policies", nargs="+", choices=("auto", *POLICIES), default=list(POLICIES),
+                        help="the zero stages' reduce policies timed at accumulation above 1 (default: both; auto: "
+                             "each stage's default alone)")
     parser.add_argument("--interleave", choices=("run", "step"), default="run",
                         help="run: each system's run in turn, each built afresh; step: every bare-loop system "
                              "built at once, one optimizer step of each in turn (--repeats x --steps rounds; "

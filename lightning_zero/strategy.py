@@ -375,7 +375,7 @@ class ZeroStrategy(SharedStrategyMethods, DDPStrategy):
         """Logical bytes by collective kind (reduce_scatter, all_gather, all_reduce, broadcast; flags for the
         step's control exchange; all_reduce_across for what crosses sharding groups under ``shard_size``) that
         this rank's last optimizer step moved, its micro-batches included; the numbers ``ZeroReport`` and the
-        benchmarks read. Logical as the ZeRO paper counts: gloo sends a reduce-scatter as an all-reduce."""
+        benchmarks read. Logical as the ZeRO paper counts (a reduce-scatter or an all-gather: its full buffer)."""
         return dict(self.engines[0].last_step_traffic) if self.engines else {}
 
     def grad_norm(self, norm_type: float = 2.0, optimizer: Any = None) -> torch.Tensor:
