@@ -161,7 +161,8 @@ def install_counters() -> None:
     collectives._all_gather = dist.all_gather_single
     # On gloo lightning_zero runs a reduce-scatter as point-to-point sends: count it as the reduce-scatter.
     collectives._reduce_scatter_by_sends = _counting(
-        "reduce_scatter", collectives._reduce_scatter_by_sends, ("reduce_scatter", lambda a: _nbytes([a["flat"]])))
+        "reduce_scatter", collectives._reduce_scatter_by_sends,
+        ("reduce_scatter", lambda a: a["source"].numel * a["source"].dtype.itemsize))
     # ... and an all-gather as one broadcast per rank of its slice (not counted again inside).
     collectives._all_gather_by_broadcasts = _counting(
         "all_gather", collectives._all_gather_by_broadcasts, ("all_gather", lambda a: _nbytes([a["flat"]])))

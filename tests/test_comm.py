@@ -100,3 +100,56 @@ def host_reads_per_step(stage: int) -> dict[str, int]:
 def test_one_host_read_per_step(pools, stage: int) -> None:
     for counts in pools(2).run(host_reads_per_step, stage):
         assert counts == {"item": 0, "exchange_flags": 3}
+
+
+def sends_against_sums(world_parts: int, uneven: bool) -> list[str]:
+    """gloo's reduce-scatter by sends, straight from parameter pieces (some missing, a dtype to convert, more
+    pieces than one message takes), against the slice of an all-reduced flat copy."""
+    import torch.distributed as dist
+
+    rank, world = dist.get_rank(), dist.get_world_size()
+    generator = torch.Generator().manual_seed(rank)
+    sizes = [int(s) for s in torch.randint(1, 9, (world_parts,), generator=torch.Generator().manual_seed(0))]
+    numel = sum(sizes) + 3  # padding at the end
+    numel += (-numel) % world
+    bounds = None
+    if uneven:
+        order = torch.randperm(numel - 1, generator=torch.Generator().manual_seed(1))
+        cut = sorted(int(c) + 1 for c in order[:world - 1])
+        bounds = (0, *cut, numel)
+    parts, offset = [], 0
+    for index, size in enumerate(sizes):
+        missing = (index + rank) % 5 == 0  # ranks miss different pieces
+        values = None if missing else torch.randn(size, generator=generator)
+        if values is not None and index % 7 == 3:
+            values = values.to(torch.float64)  # read() converts
+        parts.append((offset, size, values))
+        offset += size
+    source = collectives.GradientParts(numel, torch.float32, torch.device("cpu"), parts)
+    flat = source.flat()
+    reference = flat.clone()
+    dist.all_reduce(reference)
+    lo, hi = (bounds[rank], bounds[rank + 1]) if bounds else (rank * numel // world, (rank + 1) * numel // world)
+    problems = []
+    for add in (False, True):
+        output = torch.full((hi - lo,), 0.5)
+        start = output.clone()
+        handle = collectives._reduce_scatter_by_sends(output, source, None, bounds, 17, add)
+        handle.wait()
+        expected = reference[lo:hi] + (start if add else 0)
+        if not torch.allclose(output, expected, rtol=1e-6, atol=1e-6):  # 3 ranks: another order of the sum
+            problems.append(f"rank {rank} add={add}: worst {(output - expected).abs().max():.2e}")
+    comm = collectives.Comm(None, torch.device("cpu"))  # the flat form goes through the same sends
+    output = torch.empty(hi - lo)
+    comm.reduce_scatter(output, flat.clone(), bounds).wait()
+    if not torch.allclose(output, reference[lo:hi], rtol=1e-6, atol=1e-6):
+        problems.append(f"rank {rank} flat: worst {(output - reference[lo:hi]).abs().max():.2e}")
+    return problems
+
+
+@pytest.mark.parametrize("world_size", [2, 3])
+@pytest.mark.parametrize("pieces", [5, 3 * collectives._MAX_MESSAGES])
+def test_reduce_scatter_by_sends_sums_exactly(pools, world_size: int, pieces: int) -> None:
+    for uneven in (False, True):
+        for problems in pools(world_size).run(sends_against_sums, pieces, uneven):
+            assert problems == []

@@ -23,9 +23,9 @@ def count_collectives(stage: int, policy: str, accumulate: int) -> dict[str, obj
         calls.append(("reduce_scatter", flat.dtype))
         return original_rs(output, flat, **kwargs)
 
-    def reduce_scatter_by_sends(output, flat, *args):
-        calls.append(("reduce_scatter", flat.dtype))
-        return original_sends(output, flat, *args)
+    def reduce_scatter_by_sends(output, source, *args):
+        calls.append(("reduce_scatter", source.dtype))
+        return original_sends(output, source, *args)
 
     def all_gather(flat, shard, **kwargs):
         calls.append(("all_gather", flat.dtype))

@@ -22,7 +22,7 @@ from typing import NamedTuple
 
 import torch
 
-from lightning_zero.sharding.collectives import Comm, Handle
+from lightning_zero.sharding.collectives import Comm, GradientParts, Handle
 from lightning_zero.sharding.layout import Bucket, Layout, ShardSlice
 
 __all__ = ["FlatBucket", "GradState", "OptimizerEntry", "ParamState"]
@@ -51,8 +51,8 @@ class OptimizerEntry(NamedTuple):
 
 class _Reduction(NamedTuple):
     handle: Handle
-    output: torch.Tensor  # reduce-scatter output; ``grad_shard`` itself when written in place
-    source: torch.Tensor  # the full bucket buffer being reduced (kept alive until the wait)
+    output: torch.Tensor  # reduce-scatter output; ``grad_shard`` itself when written (or added) in place
+    source: torch.Tensor | GradientParts  # what is being reduced (kept alive until the wait)
 
 
 class FlatBucket:
@@ -207,31 +207,40 @@ class FlatBucket:
         param.grad = view
 
     def _gradient_buffer(self) -> torch.Tensor:
-        """The full bucket of this backward's gradients, in the reduce dtype (missing ones as zeros)."""
+        """Stage 1: the full bucket of this backward's gradients, in the reduce dtype (missing ones as zeros)."""
+        assert self.grad_full is not None
         slots = self.plan.dtypes
-        if self.grad_full is not None:
-            for position, param in enumerate(self.params):
-                if param.grad is None:
-                    self.grad_views[position].zero_()
-                else:
-                    self.adopt_grad(position)
-            return self.grad_full if slots.reduce == slots.storage else self.grad_full.to(slots.reduce)
-        source = torch.empty(self.plan.padded_numel, dtype=slots.reduce, device=self.grad_shard.device)
-        for record, param in zip(self._records, self.params):
-            region = source.narrow(0, record.offset, record.numel)
+        for position, param in enumerate(self.params):
             if param.grad is None:
-                region.zero_()
+                self.grad_views[position].zero_()
             else:
-                region.copy_(param.grad.reshape(-1))
-                param.grad = None
-        source.narrow(0, self.plan.numel, self.plan.padded_numel - self.plan.numel).zero_()
-        return source
+                self.adopt_grad(position)
+        return self.grad_full if slots.reduce == slots.storage else self.grad_full.to(slots.reduce)
+
+    def _gradient_parts(self) -> GradientParts:
+        """Stages 2-3: this backward's gradients where autograd left them, taken from the parameters (the
+        reduction keeps them until it is waited for); missing ones and the padding are zeros."""
+        assert self.grad_shard is not None
+        parts = []
+        for record, param in zip(self._records, self.params):
+            parts.append((record.offset, record.numel, param.grad))
+            param.grad = None
+        return GradientParts(self.plan.padded_numel, self.plan.dtypes.reduce, self.grad_shard.device, parts)
 
     def reduce(self, comm: Comm) -> None:
         """Hand this backward's gradients to a reduce-scatter (SUM) into this rank's slice."""
         assert self.grad_shard is not None
-        source = self._gradient_buffer()
         slots = self.plan.dtypes
+        if self.grad_full is None:
+            parts = self._gradient_parts()
+            handle = comm.reduce_scatter_parts(self.grad_shard, parts, self.plan.bounds, add=self.reduced_in_window)
+            if handle is not None:  # gloo: sent where they lie, summed straight into the shard
+                self._reduction = _Reduction(handle, self.grad_shard, parts)
+                self.grad_state = GradState.REDUCING
+                return
+            source = parts.flat()
+        else:
+            source = self._gradient_buffer()
         if self.reduces_in_place or (not self.reduced_in_window and slots.reduce == slots.accumulate):
             output = self.grad_shard
         else:
@@ -266,8 +275,11 @@ class FlatBucket:
         if self._reduction is None:
             return 0
         total = 0
-        if self._reduction.source is not self.grad_full:
-            total += self._reduction.source.numel() * self._reduction.source.element_size()
+        source = self._reduction.source
+        if isinstance(source, GradientParts):
+            total += source.nbytes
+        elif source is not self.grad_full:
+            total += source.numel() * source.element_size()
         if self._reduction.output is not self.grad_shard:
             total += self._reduction.output.numel() * self._reduction.output.element_size()
         return total

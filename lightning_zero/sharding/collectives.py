@@ -43,6 +43,7 @@ __all__ = [
     "CollectiveError",
     "Comm",
     "FlagExchange",
+    "GradientParts",
     "QUANT_BLOCK",
     "Handle",
     "all_gather_into",
@@ -116,50 +117,141 @@ _broadcast = dist.broadcast  # gloo's all-gather path (see Comm.all_gather)
 _reduce_scatter_list, _all_gather_list = dist.reduce_scatter, dist.all_gather  # uneven slices, native path
 
 
-class _SummedPieces:
-    """The handle of gloo's reduce-scatter by sends: waiting adds the pieces of this rank's slice that the other
-    ranks sent (in rank order) into ``own``, this rank's slice of the full buffer, and copies it to ``output``."""
+class GradientParts:
+    """A bucket's gradients where they lie: each parameter's own ``.grad`` at its offset in the bucket (None, and
+    the padding: zeros), so gloo's reduce-scatter can send them with no flat copy of the bucket
+    (see ``_reduce_scatter_by_sends``). ``flat()`` builds that copy where a collective needs one."""
 
-    def __init__(self, works: list[Work], own: torch.Tensor, received: list[torch.Tensor],
-                 output: torch.Tensor) -> None:
-        self.works = works
-        self.own: torch.Tensor | None = own
-        self.received, self.output = received, output
+    def __init__(self, numel: int, dtype: torch.dtype, device: torch.device,
+                 parts: list[tuple[int, int, torch.Tensor | None]]) -> None:
+        self.numel, self.dtype, self.device = numel, dtype, device
+        self.parts = sorted(parts, key=lambda part: part[0])  # (offset, numel, tensor or None)
+        self.scratch: list[torch.Tensor] = []  # buffers a reduction in flight allocated for it (counted as held)
+
+    @classmethod
+    def of(cls, flat: torch.Tensor) -> GradientParts:
+        """One flat buffer as the only part."""
+        return cls(flat.numel(), flat.dtype, flat.device, [(0, flat.numel(), flat)])
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes held for the reduction: the parts' storages and the scratch buffers."""
+        held = [t for _, _, t in self.parts if t is not None] + self.scratch
+        return sum(t.numel() * t.element_size() for t in held)
+
+    def cuts(self, lo: int, hi: int) -> list[tuple[int, int]]:
+        """``[lo, hi)`` split where a part starts or ends: the same on every rank, whatever its gradients."""
+        points = {lo, hi}
+        for offset, count, _ in self.parts:
+            points.update(p for p in (offset, offset + count) if lo < p < hi)
+        ordered = sorted(points)
+        return list(zip(ordered, ordered[1:]))
+
+    def read(self, lo: int, hi: int) -> torch.Tensor:
+        """The values of ``[lo, hi)`` as one contiguous tensor of ``dtype``: a view where they lie in one part
+        of that dtype, else a copy (zeros where no part or a None part lies)."""
+        for offset, count, tensor in self.parts:
+            if offset <= lo and hi <= offset + count and tensor is not None:
+                values = tensor.reshape(-1).narrow(0, lo - offset, hi - lo)
+                return values if values.dtype == self.dtype and values.is_contiguous() else (
+                    values.to(self.dtype).contiguous())
+        out = torch.zeros(hi - lo, dtype=self.dtype, device=self.device)
+        for offset, count, tensor in self.parts:
+            a, b = max(lo, offset), min(hi, offset + count)
+            if a < b and tensor is not None:
+                out.narrow(0, a - lo, b - a).copy_(tensor.reshape(-1).narrow(0, a - offset, b - a))
+        return out
+
+    def flat(self) -> torch.Tensor:
+        """The whole bucket as one buffer (the only part itself where it is one flat buffer of ``dtype``)."""
+        if len(self.parts) == 1 and self.parts[0][:2] == (0, self.numel) and self.parts[0][2] is not None:
+            return self.read(0, self.numel)
+        out = torch.empty(self.numel, dtype=self.dtype, device=self.device)
+        end = 0
+        for offset, count, tensor in self.parts:
+            out.narrow(0, end, offset - end).zero_()
+            region = out.narrow(0, offset, count)
+            region.zero_() if tensor is None else region.copy_(tensor.reshape(-1))
+            end = offset + count
+        out.narrow(0, end, self.numel - end).zero_()
+        return out
+
+
+class _SummedPieces:
+    """The handle of gloo's reduce-scatter by sends: waiting sums this rank's own piece and the copies of it the
+    other ranks sent (rank order) and writes, or adds, the sum into ``output``."""
+
+    def __init__(self, works: list[Work], own: list[tuple[int, torch.Tensor]], received: list[torch.Tensor],
+                 output: torch.Tensor, add: bool, source: GradientParts) -> None:
+        self.works, self.own, self.received, self.output, self.add = works, own, received, output, add
+        self.source: GradientParts | None = source
 
     def wait(self) -> bool:
         for work in self.works:
             work.wait()
-        if self.own is not None:
-            for piece in self.received:
-                self.own.add_(piece)
-            if self.own.data_ptr() != self.output.data_ptr():
-                self.output.copy_(self.own)
-        self.own, self.received = None, []  # the handle outlives the wait (wait_all keeps it); buffers need not
+        if self.source is not None:
+            total = self.received[0] if self.received else torch.zeros(
+                self.output.numel(), dtype=self.source.dtype, device=self.output.device)
+            for at, values in self.own:  # x + y == y + x: the same sum as the other ranks' order would give
+                total.narrow(0, at, values.numel()).add_(values)
+            for piece in self.received[1:]:
+                total.add_(piece)
+            if self.add:
+                self.output.add_(total.to(self.output.dtype))
+            elif total.data_ptr() != self.output.data_ptr():
+                self.output.copy_(total)
+        # the handle outlives the wait (wait_all keeps it); the buffers need not
+        self.own, self.received, self.source = [], [], None
         return True
 
 
-#: Point-to-point tags of gloo's reduce-scatter start here, far above the small tags users and torch use.
+#: Point-to-point tags of gloo's reduce-scatter are taken from here up, far above the small tags users and torch
+#: use, modulo this many.
 _EXCHANGE_TAG = 1 << 30
+#: Above this many parameter pieces in one rank's slice, the slice is copied and sent as one message.
+_MAX_MESSAGES = 64
 
 
-def _reduce_scatter_by_sends(output: torch.Tensor, flat: torch.Tensor, group: ProcessGroup | None, bounds: Bounds,
-                             tag: int) -> _SummedPieces:
-    """gloo's reduce-scatter path, asynchronous: each rank sends every other rank that rank's piece of ``flat``
-    and receives its own piece from each of them, ``(N-1)/N`` of the buffer each way per rank; ``tag`` (the
-    same on every rank for the same call) keeps calls in flight at once apart."""
-    ranges = _ranges(flat, dist.get_world_size(group), bounds)
-    me = dist.get_rank(group)
-    start, size = ranges[me]
+def _reduce_scatter_by_sends(output: torch.Tensor, source: GradientParts, group: ProcessGroup | None,
+                             bounds: Bounds, tag: int, add: bool = False) -> _SummedPieces:
+    """gloo's reduce-scatter path, asynchronous: each rank sends every other rank that rank's slice of
+    ``source`` and receives its own slice from each of them, ``(N-1)/N`` of the bucket each way per rank, with
+    no flat copy of the bucket: a slice travels as one message per parameter piece in it (one message when
+    there are more than ``_MAX_MESSAGES``), straight from the ``.grad`` tensors. Messages are told apart by
+    tags counted from ``tag``, the same on every rank since the pieces follow the layout."""
+    world, me = dist.get_world_size(group), dist.get_rank(group)
+    ranges = [(lo, lo + count) for lo, count in _ranges_of(source.numel, world, bounds)]
+    messages = []  # per rank: the message ranges of its slice, and the tag of the first
+    counted = 0
+    for lo, hi in ranges:
+        cuts = source.cuts(lo, hi) if hi > lo else []
+        cuts = cuts if len(cuts) <= _MAX_MESSAGES else [(lo, hi)]
+        messages.append((cuts, counted))
+        counted += len(cuts)
+
+    def tag_of(index: int) -> int:
+        return _EXCHANGE_TAG + (tag + index) % _EXCHANGE_TAG
+
     works, received = [], []
-    for peer, (lo, count) in enumerate(ranges):
+    for peer in range(world):
         if peer == me:
             continue
-        if count:
-            works.append(_isend(flat.narrow(0, lo, count), group=group, group_dst=peer, tag=tag))
-        if size:
-            received.append(flat.new_empty(size))
-            works.append(_irecv(received[-1], group=group, group_src=peer, tag=tag))
-    return _SummedPieces(works, flat.narrow(0, start, size), received, output)
+        cuts, first = messages[peer]
+        for index, (a, b) in enumerate(cuts):
+            works.append(_isend(source.read(a, b), group=group, group_dst=peer, tag=tag_of(first + index)))
+    start, end = ranges[me]
+    own_cuts, first = messages[me]
+    for peer in range(world):
+        if peer == me or end == start:
+            continue
+        buffer = torch.empty(end - start, dtype=source.dtype, device=source.device)
+        source.scratch.append(buffer)
+        received.append(buffer)
+        for index, (a, b) in enumerate(own_cuts):
+            works.append(_irecv(buffer.narrow(0, a - start, b - a), group=group, group_src=peer,
+                                tag=tag_of(first + index)))
+    own = [(a - start, source.read(a, b)) for a, b in source.cuts(start, end)] if end > start else []
+    return _SummedPieces(works, own, received, output, add, source)
 
 
 class _AllOf:
@@ -180,8 +272,13 @@ BROADCAST_GATHER_MAX_WORLD = 8
 
 def _ranges(flat: torch.Tensor, world: int, bounds: Bounds) -> list[tuple[int, int]]:
     """Each rank's ``(start, size)`` in ``flat``: from ``bounds``, else even."""
+    return _ranges_of(flat.numel(), world, bounds)
+
+
+def _ranges_of(numel: int, world: int, bounds: Bounds) -> list[tuple[int, int]]:
+    """Each rank's ``(start, size)`` in a buffer of ``numel`` elements: from ``bounds``, else even."""
     if bounds is None:
-        size = flat.numel() // world
+        size = numel // world
         return [(rank * size, size) for rank in range(world)]
     return [(lo, hi - lo) for lo, hi in zip(bounds, bounds[1:])]
 
@@ -299,7 +396,7 @@ class Comm:
         self.device = device
         self.gloo = dist.get_backend(group) == "gloo"
         self.native = path == "native" or not self.gloo
-        self._exchanges = 0  # reduce-scatters by sends so far: the next one's tag (the same count on every rank)
+        self._exchanges = 0  # the next reduce-scatter's first message tag (the same count on every rank)
         self._streams: dict[str, Any] = {}
         if device.type not in ("cpu", "meta"):
             module = torch.get_device_module(device)
@@ -334,11 +431,11 @@ class Comm:
         2.13). On gloo ("auto") each rank instead sends the other ranks their pieces and adds the pieces it
         receives: ``(N-1)/N`` of the buffer each way, as NCCL's ring moves (see ``_reduce_scatter_by_sends``).
         """
-        _count("reduce_scatter", flat)
         if not self.native:
-            self._exchanges += 1
-            tag = _EXCHANGE_TAG + self._exchanges % _EXCHANGE_TAG
-            return Handle(_reduce_scatter_by_sends(output, flat, self.reduce_group, bounds, tag))
+            handle = self.reduce_scatter_parts(output, GradientParts.of(flat), bounds)
+            assert handle is not None
+            return handle
+        _count("reduce_scatter", flat)
         if bounds is not None:  # the list form: NCCL runs uneven pieces as one coalesced reduce per rank
             pieces = [flat.narrow(0, lo, size) for lo, size in _ranges(flat, self.world_size, bounds)]
             result = torch.empty_like(output)
@@ -354,6 +451,18 @@ class Comm:
             return _reduce_scatter(output, flat, op=dist.ReduceOp.SUM, group=self.reduce_group, async_op=async_op)
 
         return self._on_stream("reduce_scatter", launch, (output, flat))
+
+    def reduce_scatter_parts(self, output: torch.Tensor, parts: GradientParts, bounds: Bounds = None,
+                             add: bool = False) -> Handle | None:
+        """As ``reduce_scatter`` of ``parts.flat()``, where the backend's path needs no flat buffer (gloo,
+        "auto"): the parameters' gradients are sent where they lie. ``add``: add the sum into ``output``
+        instead of writing it. None on the native path: the caller reduces ``parts.flat()`` instead."""
+        if self.native:
+            return None
+        traffic["reduce_scatter"] += parts.numel * parts.dtype.itemsize
+        tag = self._exchanges
+        self._exchanges = (self._exchanges + parts.numel) % _EXCHANGE_TAG  # at most one message per element
+        return Handle(_reduce_scatter_by_sends(output, parts, self.reduce_group, bounds, tag, add))
 
     def all_gather(self, flat: torch.Tensor, shard: torch.Tensor, bounds: Bounds = None) -> Handle:
         """Start gathering every rank's ``shard`` into ``flat``; ``shard`` may be this rank's slice of it
