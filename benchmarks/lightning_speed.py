@@ -50,6 +50,7 @@ Writes benchmarks/results/lightning_speed.json and .md (``--name`` for another n
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 import importlib.util
 import json
@@ -90,6 +91,8 @@ DEFAULT_SYSTEMS = ("ddp", "zero1", "zero2", "zero3", "fsdp1_full_shard", "fsdp1_
 SIZE_NAMES = ("5M", "20M", "80M")  # peers.SIZES' keys (peers imports torch, which must wait for the pinning)
 LR = 1e-3
 PIN_ENV, CORES_ENV = "LIGHTNING_SPEED_PIN", "LIGHTNING_SPEED_CORES"
+#: ``--interleave step``: "directory,index,count": this fit is system ``index`` of ``count`` taking turns.
+TURN_ENV = "LIGHTNING_SPEED_TURN"
 #: What the orchestrator clears so that every fit launches its own pair of ranks on a fresh port.
 LAUNCH_ENV = ("MASTER_ADDR", "MASTER_PORT", "WORLD_SIZE", "RANK", "LOCAL_RANK", "NODE_RANK", "LOCAL_WORLD_SIZE",
               "GROUP_RANK", "PL_GLOBAL_SEED")
@@ -253,11 +256,50 @@ def make_module(size: str, system: str, batch_size: int, batches: int) -> pl.Lig
     return Bench()
 
 
-def make_timer(accumulate: int, barrier: bool, pin_in_setup: bool) -> pl.Callback:
+class Turns:
+    """``--interleave step``: the fits of every system run at once and take turns, one optimizer step each
+    (system ``index`` of ``count`` steps on turns ``step * count + index``), through a counter in a file the
+    orchestrator starts at -1 and sets to 0 once every fit is ready."""
+
+    def __init__(self, spec: str) -> None:
+        directory, index, count = spec.split(",")
+        self.directory, self.index, self.count = Path(directory), int(index), int(count)
+
+    def _turn(self) -> int:
+        try:
+            return int((self.directory / "turn").read_text() or -1)
+        except (OSError, ValueError):  # being replaced right now
+            return -1
+
+    def wait(self, turn: int) -> None:
+        while self._turn() < turn:
+            time.sleep(0.01)
+
+    def ready(self) -> None:
+        (self.directory / f"ready-{self.index}").touch()
+
+    def before_step(self, step: int) -> None:
+        self.wait(step * self.count + self.index)
+
+    def after_step(self, step: int, rank: int) -> None:
+        """Both ranks are done with the step (the caller's barrier): rank 0 hands the turn on."""
+        if rank == 0:
+            scratch = self.directory / f"turn-{self.index}"
+            scratch.write_text(str(step * self.count + self.index + 1))
+            os.replace(scratch, self.directory / "turn")
+
+    def until_all_done(self, steps: int) -> None:
+        """Leave the fit (teardown) only when every system has run all its steps, so none is timed beside it."""
+        self.wait(steps * self.count)
+
+
+def make_timer(accumulate: int, barrier: bool, pin_in_setup: bool, steps: int) -> pl.Callback:
     """A callback summing each optimizer step's micro-batch times; at the end it gathers every rank's times,
-    threads and wrapping into ``result`` on rank 0."""
+    threads and wrapping into ``result`` on rank 0. Under ``TURN_ENV`` each step waits for its turn."""
     import lightning.pytorch as pl
     import torch.distributed as dist
+
+    turns = Turns(os.environ[TURN_ENV]) if os.environ.get(TURN_ENV) else None
 
     class StepTimer(pl.Callback):
         def __init__(self) -> None:
@@ -274,10 +316,16 @@ def make_timer(accumulate: int, barrier: bool, pin_in_setup: bool) -> pl.Callbac
         def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
             self.threads = thread_report()
             self.wrapping = wrapping_report(trainer.strategy)
+            if turns is not None:
+                dist.barrier()
+                if trainer.global_rank == 0:
+                    turns.ready()
 
         def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any,
                                  batch_idx: int) -> None:
             if batch_idx % accumulate == 0:
+                if turns is not None:
+                    turns.before_step(batch_idx // accumulate)
                 if barrier:  # both ranks start each optimizer step together, as peers.py's loops do
                     dist.barrier()
                 self.times.append(0.0)
@@ -286,8 +334,13 @@ def make_timer(accumulate: int, barrier: bool, pin_in_setup: bool) -> pl.Callbac
         def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any,
                                batch: Any, batch_idx: int) -> None:
             self.times[-1] += time.perf_counter() - self.start
+            if turns is not None and batch_idx % accumulate == accumulate - 1:
+                dist.barrier()
+                turns.after_step(batch_idx // accumulate, trainer.global_rank)
 
         def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+            if turns is not None:
+                turns.until_all_done(steps)
             mine = {"times": self.times, "threads": self.threads, "wrapping": self.wrapping,
                     "global_step": trainer.global_step}
             gathered: list[Any] = [None] * dist.get_world_size()
@@ -311,7 +364,7 @@ def run_rank(args: argparse.Namespace) -> None:
     warnings.filterwarnings("ignore")  # Lightning's CPU and dataloader advice would fill the log of each fit
     logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
     steps, (accumulate,) = args.warmup + args.steps, args.accumulate  # a rank runs one accumulation
-    timer = make_timer(accumulate, args.barrier, args.pin == "setup")
+    timer = make_timer(accumulate, args.barrier, args.pin == "setup", steps)
     trainer = pl.Trainer(strategy=build_strategy(args.child), accelerator="cpu", devices=2, max_steps=steps,
                          accumulate_grad_batches=accumulate, precision="32-true", logger=False,
                          enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
@@ -337,29 +390,39 @@ def available(systems: list[str]) -> tuple[list[str], dict[str, str]]:
 def launch(system: str, accumulate: int, args: argparse.Namespace, cores: list[int], workdir: Path
            ) -> dict[str, Any]:
     """One fit of ``system`` in a fresh process pair; returns its ranks' results, or ``{"error": ...}``."""
+    return finish(*start(system, accumulate, args, cores, workdir), args.timeout)
+
+
+def start(system: str, accumulate: int, args: argparse.Namespace, cores: list[int], workdir: Path,
+          turn: str | None = None) -> tuple[subprocess.Popen[bytes], Path, Path, float]:
+    """Start one fit of ``system`` (its rank 0; Lightning starts rank 1); ``turn``: its ``TURN_ENV``."""
     out, log = workdir / f"{system}-{accumulate}.json", workdir / f"{system}-{accumulate}.log"
     out.unlink(missing_ok=True)
     command = [sys.executable, str(Path(__file__).resolve()), "--child", system, "--accumulate", str(accumulate),
                "--size", args.size, "--steps", str(args.steps), "--warmup", str(args.warmup), "--batch-size",
                str(args.batch_size), "--pin", args.pin, "--out", str(out)] + ([] if args.barrier else ["--no-barrier"])
     env = {k: v for k, v in os.environ.items() if k not in LAUNCH_ENV}
-    env.update({PIN_ENV: args.pin, CORES_ENV: ",".join(map(str, cores))})
+    env.update({PIN_ENV: args.pin, CORES_ENV: ",".join(map(str, cores))} | ({TURN_ENV: turn} if turn else {}))
     if args.pin == "setup":
         env.pop("OMP_NUM_THREADS", None)  # leave the thread counts to Lightning, as a user's run would
-    started = time.perf_counter()
     with log.open("w") as sink:
         # A session of its own: whatever the pair leaves behind (rank 1 after a rank-0 failure) is ended by id.
         proc = subprocess.Popen(command, env=env, stdout=sink, stderr=subprocess.STDOUT, start_new_session=True)
+    return proc, out, log, time.perf_counter()
+
+
+def finish(proc: subprocess.Popen[bytes], out: Path, log: Path, started: float, timeout: float) -> dict[str, Any]:
+    """Wait for a fit ``start`` began; its ranks' results, or ``{"error": ...}``."""
+    try:
+        code = proc.wait(timeout=max(1.0, timeout - (time.perf_counter() - started)))
+    except subprocess.TimeoutExpired:
+        code = None
+    finally:
         try:
-            code = proc.wait(timeout=args.timeout)
-        except subprocess.TimeoutExpired:
-            code = None
-        finally:
-            try:
-                os.killpg(proc.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-            proc.wait()
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        proc.wait()
     wall = time.perf_counter() - started
     if code != 0 or not out.exists():
         text = log.read_text()
@@ -409,6 +472,49 @@ def measure(args: argparse.Namespace, systems: list[str]) -> tuple[dict[str, Any
     return runs, failed
 
 
+def measure_by_step(args: argparse.Namespace, systems: list[str]) -> tuple[dict[str, Any], dict[str, str]]:
+    """``--interleave step``: per accumulation, every system's fit at once, taking turns one optimizer step
+    each (``Turns``), ``--warmup`` + ``--repeats`` x ``--steps`` steps. Returns what ``measure`` returns, with a
+    timed round in place of a repeat."""
+    cores = sorted(os.sched_getaffinity(0))[:2]
+    runs: dict[str, Any] = {}
+    failed: dict[str, str] = {}
+    rounds = args.repeats * args.steps
+    fit_args = argparse.Namespace(**(vars(args) | {"steps": rounds}))
+    with tempfile.TemporaryDirectory(prefix="lightning_speed_") as tmp:
+        for accumulate in args.accumulate:
+            workdir = Path(tmp) / f"acc{accumulate}"
+            workdir.mkdir()
+            (workdir / "turn").write_text("-1")
+            fits = {system: start(system, accumulate, fit_args, cores, workdir, f"{workdir},{index},{len(systems)}")
+                    for index, system in enumerate(systems)}
+            deadline = time.perf_counter() + args.timeout
+            while not all((workdir / f"ready-{i}").exists() for i in range(len(systems))):
+                if time.perf_counter() > deadline or any(proc.poll() is not None for proc, *_ in fits.values()):
+                    break  # a fit died before it was ready: the others are ended below
+                time.sleep(0.05)
+            (workdir / "turn").write_text("0")
+            for system, fit in fits.items():
+                result = finish(*fit, args.timeout)
+                key = f"{system}@{accumulate}"
+                if "error" in result:
+                    failed[key] = result["error"]
+                    print(f"accumulate {accumulate} {system}: FAILED {result['error']}\n{result['log_tail']}",
+                          flush=True)
+                    for proc, *_ in fits.values():  # the others would wait for its turns forever
+                        with contextlib.suppress(ProcessLookupError):
+                            os.killpg(proc.pid, signal.SIGKILL)
+                    continue
+                ranks = result["ranks"]
+                runs[key] = {"system": system, "accumulate": accumulate,
+                             "per_repeat_s": ranks[0]["times"][args.warmup:],
+                             "rank1_per_repeat_s": ranks[1]["times"][args.warmup:], "fit_wall_s": [result["wall_s"]],
+                             "threads": [r["threads"] for r in ranks], "wrapping": ranks[0]["wrapping"]}
+                print(f"accumulate {accumulate} {system}: median step "
+                      f"{statistics.median(runs[key]['per_repeat_s']):.4f} s over {rounds} rounds", flush=True)
+    return runs, failed
+
+
 def ratios(runs: dict[str, Any]) -> list[dict[str, Any]]:
     """Rows with the median over repeats of time / Lightning ddp's time in the same repeat."""
     rows = []
@@ -431,9 +537,13 @@ def table(result: dict[str, Any]) -> str:
     lines = [f"{result['parameters']:,}-parameter GPT ({s['size']}), fp32 AdamW (lr {LR}), micro-batch "
              f"{s['batch_size']} x 64 tokens, through Lightning {result['lightning']}'s Trainer on torch "
              f"{result['torch']}, gloo, 2 ranks (pinning: {s['pin']}; barrier before each step: {s['barrier']}); "
-             f"median of {s['steps']} optimizer steps after {s['warmup']} warm-up, {s['repeats']} interleaved "
-             f"repeats, each fit a fresh process pair; ratio = median over repeats of time / Lightning ddp's. "
-             f"Load average (1 min) {result['load_average'][0]:.2f} at the start, {result['load_average'][1]:.2f} "
+             + (f"every system's fit at once in its own process pair, taking turns one optimizer step each: "
+                f"{s['repeats'] * s['steps']} timed rounds after {s['warmup']} warm-up; step = median over rounds; "
+                f"ratio = median over rounds of time / Lightning ddp's in the same round. "
+                if s.get("interleave") == "step" else
+                f"median of {s['steps']} optimizer steps after {s['warmup']} warm-up, {s['repeats']} interleaved "
+                f"repeats, each fit a fresh process pair; ratio = median over repeats of time / Lightning ddp's. ")
+             + f"Load average (1 min) {result['load_average'][0]:.2f} at the start, {result['load_average'][1]:.2f} "
              f"at the end; {result['wall_s'] / 60:.1f} min.", ""]
     head = ["system"] + [c for a in accs for c in (f"acc. {a}: step (s)", f"acc. {a}: vs Lightning ddp")]
     lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
@@ -476,6 +586,10 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--no-barrier", dest="barrier", action="store_false",
                         help="do not start each optimizer step with a barrier")
     parser.add_argument("--timeout", type=float, default=1800, help="seconds one fit may take")
+    parser.add_argument("--interleave", choices=("run", "step"), default="run",
+                        help="run: one fit after another (--repeats of each, rotated); step: every system's fit at "
+                             "once, taking turns one optimizer step each (--repeats x --steps rounds; each system's "
+                             "ratio is the median over rounds of its step over Lightning ddp's of the same round)")
     parser.add_argument("--name", default="lightning_speed", help="results go to benchmarks/results/NAME.json, .md")
     parser.add_argument("--child", choices=list(SYSTEMS), help=argparse.SUPPRESS)  # a rank process: run one fit
     parser.add_argument("--out", help=argparse.SUPPRESS)
@@ -497,7 +611,7 @@ def orchestrate(args: argparse.Namespace) -> None:
     for name, why in skipped.items():
         print(f"skipping {name}: {why}", flush=True)
     started, load_start = time.perf_counter(), os.getloadavg()[0]
-    runs, failed = measure(args, systems)
+    runs, failed = (measure_by_step if args.interleave == "step" else measure)(args, systems)
     result = {"torch": torch.__version__, "lightning": lightning.__version__,
               "parameters": sum(p.numel() for p in GPT(*SIZES[args.size]).parameters()),
               "settings": {k: v for k, v in vars(args).items() if k not in ("child", "out")},
