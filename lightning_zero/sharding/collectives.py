@@ -241,11 +241,18 @@ def _reduce_scatter_by_sends(output: torch.Tensor, source: GradientParts, group:
             works.append(_isend(source.read(a, b), group=group, group_dst=peer, tag=tag_of(first + index)))
     start, end = ranges[me]
     own_cuts, first = messages[me]
+    # Writing (not adding) into an output of its own: the first copy received lands in it, with no scratch.
+    into_output = not add and output.dtype == source.dtype and output.is_contiguous() and all(
+        tensor is None or tensor.untyped_storage().data_ptr() != output.untyped_storage().data_ptr()
+        for _, _, tensor in source.parts)
     for peer in range(world):
         if peer == me or end == start:
             continue
-        buffer = torch.empty(end - start, dtype=source.dtype, device=source.device)
-        source.scratch.append(buffer)
+        if into_output and not received:
+            buffer = output
+        else:
+            buffer = torch.empty(end - start, dtype=source.dtype, device=source.device)
+            source.scratch.append(buffer)
         received.append(buffer)
         for index, (a, b) in enumerate(own_cuts):
             works.append(_irecv(buffer.narrow(0, a - start, b - a), group=group, group_src=peer,
